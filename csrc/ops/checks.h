@@ -1,0 +1,42 @@
+// Argument validation shared by every backend of every op, so that the CPU and CUDA kernels
+// reject bad input with the same message. Errors name the argument, what was expected and what
+// was given; shape and value errors raise ValueError in Python, dtype errors TypeError.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string_view>
+
+#include "../kernels/temperature.h"
+
+namespace wildcat {
+namespace detail {
+
+// Float64 inputs are computed in float64 (the oracle's precision); every other dtype in float32.
+at::ScalarType accumulate_type(at::ScalarType input);
+
+// 1 / sqrt(head_dim) unless given.
+double resolve_scale(const std::optional<double>& scale, int64_t head_dim);
+
+kernels::TauMode parse_tau(std::string_view tau);
+
+void check_rp_nystrom_args(const at::Tensor& points, int64_t rank, double tol);
+
+void check_compress_kv_args(const at::Tensor& keys, const at::Tensor& values, int64_t rank,
+                            int64_t num_bins, const std::optional<double>& scale,
+                            const std::optional<at::Tensor>& query_norm, std::string_view tau,
+                            double tol);
+
+void check_coreset_attention_args(const at::Tensor& query, const at::Tensor& core_keys,
+                                  const at::Tensor& core_values, const at::Tensor& core_weights,
+                                  const std::optional<double>& scale,
+                                  const std::optional<at::Tensor>& value_min,
+                                  const std::optional<at::Tensor>& value_max, bool center_values);
+
+// Coreset slots before bin `bin`: every bin keeps min(r_b, n_b) entries, and either every r_b <=
+// n_b (rank <= length) or every n_b <= r_b, so the offsets are those of one balanced split.
+int64_t slot_offset(int64_t rank, int64_t length, int64_t num_bins, int64_t bin);
+
+}  // namespace detail
+}  // namespace wildcat

@@ -1,0 +1,293 @@
+// CPU implementations of rp_nystrom and compress_kv (ALGORITHM.md §2).
+//
+// Work is split into independent (group, bin) tasks run by at::parallel_for; each task runs its
+// pivot loop sequentially. Results do not depend on the number of threads: every task writes its
+// own slots and no reduction crosses tasks.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/util/accumulate.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "../checks.h"
+#include "pivoted_cholesky.h"
+
+namespace wildcat {
+namespace cpu {
+namespace {
+
+// Per-group statistics of §2.1-2.3: key mean (accumulated in double: only the centring uses it,
+// but it should not depend on N's rounding), value bounds and the value offset.
+template <typename T>
+void group_statistics(const T* keys, const T* values, int64_t n, int64_t e, int64_t dv, T* key_mean,
+                      T* value_min, T* value_max) {
+  std::vector<double> sum(e, 0.0);
+  for (int64_t l = 0; l < n; ++l) {
+    for (int64_t c = 0; c < e; ++c) sum[c] += static_cast<double>(keys[l * e + c]);
+  }
+  for (int64_t c = 0; c < e; ++c) key_mean[c] = static_cast<T>(sum[c] / static_cast<double>(n));
+  for (int64_t c = 0; c < dv; ++c) {
+    value_min[c] = values[c];
+    value_max[c] = values[c];
+  }
+  for (int64_t l = 1; l < n; ++l) {
+    for (int64_t c = 0; c < dv; ++c) {
+      value_min[c] = std::min(value_min[c], values[l * dv + c]);
+      value_max[c] = std::max(value_max[c], values[l * dv + c]);
+    }
+  }
+}
+
+struct CompressParams {
+  int64_t n, e, dv, rank, num_bins, kept;
+  double beta;
+  bool has_query_norm;
+  kernels::TauMode tau;
+  bool center_values;
+  double tol;
+  uint64_t seed;
+};
+
+// One (group, bin) task: writes the bin's slots of core_values, core_weights and core_indices.
+template <typename T>
+void compress_bin(const CompressParams& p, int64_t group, int64_t bin, const T* keys, const T* values,
+                  const T* key_mean, const T* value_offset, T query_norm, T* core_values,
+                  T* core_weights, int64_t* core_indices) {
+  const int64_t length = kernels::balanced_size(p.n, p.num_bins, bin);
+  const int64_t start = kernels::balanced_start(p.n, p.num_bins, bin);
+  const int64_t slots = kernels::balanced_size(p.rank, p.num_bins, bin);
+  const int64_t first_slot = detail::slot_offset(p.rank, p.n, p.num_bins, bin);
+  const int64_t e = p.e, dv = p.dv;
+  keys += start * e;
+  values += start * dv;
+  core_values += first_slot * dv;
+  core_weights += first_slot;
+  core_indices += first_slot;
+
+  if (length <= slots) {  // the bin keeps its keys exactly (§2.4)
+    for (int64_t l = 0; l < length; ++l) {
+      for (int64_t c = 0; c < dv; ++c) {
+        core_values[l * dv + c] = values[l * dv + c] - (value_offset ? value_offset[c] : T(0));
+      }
+      core_weights[l] = T(1);
+      core_indices[l] = start + l;
+    }
+    return;
+  }
+
+  // §2.2, 2.5, 2.6: centred keys, the bin's key norm, temperature and scaled points
+  std::vector<T> x(length * e);
+  T key_norm = 0;
+  for (int64_t l = 0; l < length; ++l) {
+    for (int64_t c = 0; c < e; ++c) x[l * e + c] = keys[l * e + c] - key_mean[c];
+    key_norm = std::max(key_norm, std::sqrt(dot(&x[l * e], &x[l * e], e)));
+  }
+  const T rq = p.has_query_norm ? query_norm : key_norm;
+  const T m = kernels::key_scale<T>(static_cast<T>(p.beta), rq, key_norm, length, p.tau);
+  for (T& v : x) v *= m;
+
+  PivotedCholesky<T> chol;
+  chol.run(x.data(), length, e, slots, NoiseStream{p.seed, static_cast<uint64_t>(group), start},
+           static_cast<T>(p.tol));
+  const int64_t k = chol.count();
+  const std::vector<T>& s = chol.sq_norms();
+
+  // §2.8: V̂ = diag(e^{-s_p/2}) T^-T Σ_l F(l) e^{s_l/2} v_l, computed with the exponents shifted by
+  // the bin's largest s so that no factor overflows; the shift cancels between the two factors.
+  const T s_ref = *std::max_element(s.begin(), s.end());
+  const int64_t cols = dv + 1;  // compressed values | weights
+  std::vector<T> rhs(k * cols, T(0));
+  for (int64_t l = 0; l < length; ++l) {
+    const T scale_l = std::exp((s[l] - s_ref) / 2);
+    const T* fl = chol.factor_row(l);
+    const T* vl = values + l * dv;
+    for (int64_t j = 0; j < k; ++j) {
+      const T c = fl[j] * scale_l;
+      T* row = rhs.data() + j * cols;
+#pragma omp simd
+      for (int64_t col = 0; col < dv; ++col) row[col] += c * vl[col];
+      row[dv] += c;
+    }
+  }
+  if (value_offset) {  // Σ_l c_l (v_l - v_c) = Σ_l c_l v_l - v_c Σ_l c_l
+    for (int64_t j = 0; j < k; ++j) {
+      T* row = rhs.data() + j * cols;
+      for (int64_t col = 0; col < dv; ++col) row[col] -= value_offset[col] * row[dv];
+    }
+  }
+  solve_transposed_factor(chol, rhs.data(), cols);
+
+  for (int64_t i = 0; i < slots; ++i) {
+    core_indices[i] = start + chol.pivot(i);
+    if (i < k) {
+      const T row_scale = std::exp((s_ref - s[chol.pivot(i)]) / 2);
+      for (int64_t c = 0; c < dv; ++c) core_values[i * dv + c] = rhs[i * cols + c] * row_scale;
+      core_weights[i] = rhs[i * cols + dv] * row_scale;
+    } else {  // after an early stop: zero weight, zero value
+      for (int64_t c = 0; c < dv; ++c) core_values[i * dv + c] = T(0);
+      core_weights[i] = T(0);
+    }
+  }
+}
+
+template <typename T>
+void compress_all(const CompressParams& p, int64_t groups, const at::Tensor& keys, const at::Tensor& values,
+                  const std::optional<at::Tensor>& query_norm, at::Tensor& core_values,
+                  at::Tensor& core_weights, at::Tensor& core_indices, at::Tensor& value_min,
+                  at::Tensor& value_max) {
+  const T* k = keys.const_data_ptr<T>();
+  const T* v = values.const_data_ptr<T>();
+  const T* qn = query_norm ? query_norm->const_data_ptr<T>() : nullptr;
+  T* vmin = value_min.mutable_data_ptr<T>();
+  T* vmax = value_max.mutable_data_ptr<T>();
+  std::vector<T> key_mean(groups * p.e), value_offset(p.center_values ? groups * p.dv : 0);
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      group_statistics(k + g * p.n * p.e, v + g * p.n * p.dv, p.n, p.e, p.dv, &key_mean[g * p.e],
+                       vmin + g * p.dv, vmax + g * p.dv);
+      if (p.center_values) {
+        for (int64_t c = 0; c < p.dv; ++c) {
+          value_offset[g * p.dv + c] = (vmin[g * p.dv + c] + vmax[g * p.dv + c]) / 2;
+        }
+      }
+    }
+  });
+  T* cv = core_values.mutable_data_ptr<T>();
+  T* cw = core_weights.mutable_data_ptr<T>();
+  int64_t* ci = core_indices.mutable_data_ptr<int64_t>();
+  at::parallel_for(0, groups * p.num_bins, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t g = task / p.num_bins, b = task % p.num_bins;
+      compress_bin<T>(p, g, b, k + g * p.n * p.e, v + g * p.n * p.dv, &key_mean[g * p.e],
+                      p.center_values ? &value_offset[g * p.dv] : nullptr, qn ? qn[g] : T(0),
+                      cv + g * p.kept * p.dv, cw + g * p.kept, ci + g * p.kept);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_kv_cpu(
+    const at::Tensor& keys, const at::Tensor& values, int64_t rank, int64_t num_bins,
+    std::optional<double> scale, const std::optional<at::Tensor>& query_norm, int64_t seed,
+    std::string_view tau, bool center_values, double tol) {
+  detail::check_compress_kv_args(keys, values, rank, num_bins, scale, query_norm, tau, tol);
+  at::AutoDispatchBelowADInplaceOrView guard;  // internal ATen calls are not differentiated
+  const int64_t d = keys.dim();
+  const auto lead = keys.sizes().slice(0, d - 2);
+  const int64_t n = keys.size(-2), e = keys.size(-1), dv = values.size(-1);
+  const int64_t groups = c10::multiply_integers(lead);
+  const int64_t kept = std::min(rank, n);
+  const auto acc = detail::accumulate_type(keys.scalar_type());
+  const auto acc_opts = keys.options().dtype(acc);
+
+  at::Tensor core_values = at::zeros({groups, kept, dv}, acc_opts);
+  at::Tensor core_weights = at::zeros({groups, kept}, acc_opts);
+  at::Tensor core_indices = at::zeros({groups, kept}, keys.options().dtype(at::kLong));
+  at::Tensor value_min = at::zeros({groups, dv}, acc_opts);
+  at::Tensor value_max = at::zeros({groups, dv}, acc_opts);
+  at::Tensor keys3 = keys.reshape({groups, n, e});
+  if (n > 0 && groups > 0) {
+    const at::Tensor k = keys3.to(acc).contiguous();
+    const at::Tensor v = values.reshape({groups, n, dv}).to(acc).contiguous();
+    std::optional<at::Tensor> qn;
+    if (query_norm) qn = query_norm->reshape({groups}).to(acc).contiguous();
+    const CompressParams params{n, e, dv, rank, num_bins, kept, detail::resolve_scale(scale, e),
+                                qn.has_value(), detail::parse_tau(tau), center_values, tol,
+                                static_cast<uint64_t>(seed)};
+    if (acc == at::kDouble) {
+      compress_all<double>(params, groups, k, v, qn, core_values, core_weights, core_indices, value_min, value_max);
+    } else {
+      compress_all<float>(params, groups, k, v, qn, core_values, core_weights, core_indices, value_min, value_max);
+    }
+  }
+  at::Tensor core_keys = keys3.gather(1, core_indices.unsqueeze(-1).expand({groups, kept, e}));
+  std::vector<int64_t> shape(lead.begin(), lead.end());
+  auto with = [&](std::initializer_list<int64_t> tail) {
+    std::vector<int64_t> s = shape;
+    s.insert(s.end(), tail);
+    return s;
+  };
+  return {core_keys.reshape(with({kept, e})), core_values.reshape(with({kept, dv})),
+          core_weights.reshape(with({kept})), core_indices.reshape(with({kept})),
+          value_min.reshape(with({dv})), value_max.reshape(with({dv}))};
+}
+
+template <typename T>
+void rp_nystrom_group(const T* x, int64_t n, int64_t dim, int64_t kept, uint64_t seed, uint64_t group,
+                      T tol, int64_t* pivots, T* kinv, T* rows) {
+  PivotedCholesky<T> chol;
+  chol.run(x, n, dim, kept, NoiseStream{seed, group, 0}, tol);
+  const int64_t k = chol.count();
+  for (int64_t i = 0; i < kept; ++i) pivots[i] = chol.pivot(i);
+  // kinv = (T Tᵀ)^-1 = T^-T T^-1, from the inverse of the lower-triangular factor
+  std::vector<T> inv(k * k, T(0));
+  for (int64_t c = 0; c < k; ++c) {
+    inv[c * k + c] = T(1) / chol.pivot_factor(c, c);
+    for (int64_t i = c + 1; i < k; ++i) {
+      T acc = 0;
+      for (int64_t j = c; j < i; ++j) acc += chol.pivot_factor(i, j) * inv[j * k + c];
+      inv[i * k + c] = -acc / chol.pivot_factor(i, i);
+    }
+  }
+  for (int64_t a = 0; a < k; ++a) {
+    for (int64_t b = 0; b < k; ++b) {
+      T acc = 0;
+      for (int64_t i = std::max(a, b); i < k; ++i) acc += inv[i * k + a] * inv[i * k + b];
+      kinv[a * kept + b] = acc;
+    }
+  }
+  const std::vector<T>& s = chol.sq_norms();
+  for (int64_t i = 0; i < k; ++i) {
+    const T* xp = x + chol.pivot(i) * dim;
+    const T half_sp = s[chol.pivot(i)] / 2;
+    for (int64_t l = 0; l < n; ++l) {
+      rows[i * n + l] = std::min(T(1), std::exp(dot(x + l * dim, xp, dim) - half_sp - s[l] / 2));
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rp_nystrom_cpu(const at::Tensor& points, int64_t rank,
+                                                              int64_t seed, double tol) {
+  detail::check_rp_nystrom_args(points, rank, tol);
+  at::AutoDispatchBelowADInplaceOrView guard;  // internal ATen calls are not differentiated
+  const int64_t d = points.dim();
+  const auto lead = points.sizes().slice(0, d - 2);
+  const int64_t n = points.size(-2), dim = points.size(-1);
+  const int64_t groups = c10::multiply_integers(lead);
+  const int64_t kept = std::min(rank, n);
+  const auto acc = detail::accumulate_type(points.scalar_type());
+  at::Tensor pivots = at::zeros({groups, kept}, points.options().dtype(at::kLong));
+  at::Tensor kinv = at::zeros({groups, kept, kept}, points.options().dtype(acc));
+  at::Tensor rows = at::zeros({groups, kept, n}, points.options().dtype(acc));
+  if (n > 0 && groups > 0) {
+    const at::Tensor x = points.reshape({groups, n, dim}).to(acc).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(acc, "wildcat_rp_nystrom_cpu", [&] {
+      const scalar_t* xs = x.const_data_ptr<scalar_t>();
+      at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t g = begin; g < end; ++g) {
+          rp_nystrom_group<scalar_t>(xs + g * n * dim, n, dim, kept, static_cast<uint64_t>(seed),
+                                     static_cast<uint64_t>(g), static_cast<scalar_t>(tol),
+                                     pivots.mutable_data_ptr<int64_t>() + g * kept,
+                                     kinv.mutable_data_ptr<scalar_t>() + g * kept * kept,
+                                     rows.mutable_data_ptr<scalar_t>() + g * kept * n);
+        }
+      });
+    });
+  }
+  std::vector<int64_t> shape(lead.begin(), lead.end());
+  std::vector<int64_t> piv_shape = shape, kinv_shape = shape, rows_shape = shape;
+  piv_shape.push_back(kept);
+  kinv_shape.insert(kinv_shape.end(), {kept, kept});
+  rows_shape.insert(rows_shape.end(), {kept, n});
+  return {pivots.reshape(piv_shape), kinv.reshape(kinv_shape), rows.reshape(rows_shape)};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace wildcat
+
+TORCH_LIBRARY_IMPL(wildcat, CPU, m) {
+  m.impl("rp_nystrom", TORCH_FN(wildcat::cpu::rp_nystrom_cpu));
+  m.impl("compress_kv", TORCH_FN(wildcat::cpu::compress_kv_cpu));
+}

@@ -1,0 +1,138 @@
+// CPU implementation of coreset_attention (ALGORITHM.md §3).
+//
+// Each task owns a block of queries of one query head and reads the coreset of its kv head
+// (h / (Hq / Hkv): grouped-query attention by index arithmetic, no copies of the coreset).
+// One pass over the r slots per query with a running maximum, as flash attention does, so the
+// logits are never stored.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/util/accumulate.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "../../kernels/common.h"
+#include "../checks.h"
+#include "pivoted_cholesky.h"
+
+namespace wildcat {
+namespace cpu {
+namespace {
+
+// Query rows per parallel task: large enough to amortise scheduling, small enough to balance.
+constexpr int64_t kQueryBlock = 64;
+constexpr double kDenominatorFloor = 1e-20;
+
+template <typename T>
+struct AttentionArgs {
+  const T* query;   // (batch, Hq, M, E)
+  const T* keys;    // (batch, Hkv, r, E)
+  const T* values;  // (batch, Hkv, r, D)
+  const T* weights; // (batch, Hkv, r)
+  const T* value_min;  // (batch, Hkv, D) or null
+  const T* value_max;
+  bool center_values;
+  T beta;
+  int64_t batch, q_heads, kv_heads, m, r, e, dv;
+};
+
+template <typename T>
+void attend_block(const AttentionArgs<T>& a, int64_t bh, int64_t m_begin, int64_t m_end, T* out,
+                  std::vector<T>& numerator) {
+  const int64_t b = bh / a.q_heads, h = bh % a.q_heads;
+  const int64_t kvh = b * a.kv_heads + h / (a.q_heads / a.kv_heads);
+  const T* keys = a.keys + kvh * a.r * a.e;
+  const T* values = a.values + kvh * a.r * a.dv;
+  const T* weights = a.weights + kvh * a.r;
+  const T* vmin = a.value_min ? a.value_min + kvh * a.dv : nullptr;
+  const T* vmax = a.value_max ? a.value_max + kvh * a.dv : nullptr;
+  numerator.resize(a.dv);
+  for (int64_t i = m_begin; i < m_end; ++i) {
+    const T* q = a.query + (bh * a.m + i) * a.e;
+    T* o = out + (bh * a.m + i) * a.dv;
+    std::fill(numerator.begin(), numerator.end(), T(0));
+    T denominator = 0;
+    T running_max = -std::numeric_limits<T>::infinity();
+    for (int64_t s = 0; s < a.r; ++s) {
+      const T z = a.beta * dot(q, keys + s * a.e, a.e);
+      if (z > running_max) {  // rescale what was accumulated under the old maximum
+        const T correction = std::exp(running_max - z);
+        denominator *= correction;
+#pragma omp simd
+        for (int64_t c = 0; c < a.dv; ++c) numerator[c] *= correction;
+        running_max = z;
+      }
+      const T p = std::exp(z - running_max);
+      denominator += p * weights[s];
+      const T* v = values + s * a.dv;
+#pragma omp simd
+      for (int64_t c = 0; c < a.dv; ++c) numerator[c] += p * v[c];
+    }
+    const bool positive = denominator > T(kDenominatorFloor);
+    for (int64_t c = 0; c < a.dv; ++c) {
+      T y = positive ? numerator[c] / denominator : T(0);
+      if (a.center_values) y += (vmin[c] + vmax[c]) / 2;
+      if (vmin) y = std::max(y, vmin[c]);
+      if (vmax) y = std::min(y, vmax[c]);
+      o[c] = y;
+    }
+  }
+}
+
+at::Tensor coreset_attention_cpu(const at::Tensor& query, const at::Tensor& core_keys,
+                                 const at::Tensor& core_values, const at::Tensor& core_weights,
+                                 std::optional<double> scale, const std::optional<at::Tensor>& value_min,
+                                 const std::optional<at::Tensor>& value_max, bool center_values) {
+  detail::check_coreset_attention_args(query, core_keys, core_values, core_weights, scale, value_min,
+                                       value_max, center_values);
+  at::AutoDispatchBelowADInplaceOrView guard;  // internal ATen calls are not differentiated
+  const int64_t d = query.dim();
+  const int64_t m = query.size(-2), e = query.size(-1), r = core_keys.size(-2), dv = core_values.size(-1);
+  const int64_t q_heads = d >= 3 ? query.size(-3) : 1;
+  const int64_t kv_heads = d >= 3 ? core_keys.size(-3) : 1;
+  const int64_t batch = d >= 3 ? c10::multiply_integers(query.sizes().slice(0, d - 3)) : 1;
+  const auto acc = detail::accumulate_type(query.scalar_type());
+
+  std::vector<int64_t> out_shape(query.sizes().begin(), query.sizes().end());
+  out_shape.back() = dv;
+  if (query.numel() == 0) return at::zeros(out_shape, query.options());
+
+  const at::Tensor q = query.to(acc).contiguous();
+  const at::Tensor k = core_keys.to(acc).contiguous();
+  const at::Tensor v = core_values.to(acc).contiguous();
+  const at::Tensor w = core_weights.to(acc).contiguous();
+  std::optional<at::Tensor> lo, hi;
+  if (value_min) lo = value_min->to(acc).contiguous();
+  if (value_max) hi = value_max->to(acc).contiguous();
+  at::Tensor out = at::empty({batch * q_heads * m * dv}, query.options().dtype(acc));
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "wildcat_coreset_attention_cpu", [&] {
+    const AttentionArgs<scalar_t> args{q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                                       v.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                       lo ? lo->const_data_ptr<scalar_t>() : nullptr,
+                                       hi ? hi->const_data_ptr<scalar_t>() : nullptr, center_values,
+                                       static_cast<scalar_t>(detail::resolve_scale(scale, e)),
+                                       batch, q_heads, kv_heads, m, r, e, dv};
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const int64_t blocks_per_head = (m + kQueryBlock - 1) / kQueryBlock;
+    at::parallel_for(0, batch * q_heads * blocks_per_head, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> numerator;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bh = task / blocks_per_head;
+        const int64_t m_begin = (task % blocks_per_head) * kQueryBlock;
+        attend_block(args, bh, m_begin, std::min(m, m_begin + kQueryBlock), o, numerator);
+      }
+    });
+  });
+  return out.view(out_shape).to(query.scalar_type());
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace wildcat
+
+TORCH_LIBRARY_IMPL(wildcat, CPU, m) {
+  m.impl("coreset_attention", TORCH_FN(wildcat::cpu::coreset_attention_cpu));
+}

@@ -1,0 +1,54 @@
+"""Thin typed wrappers over torch.ops.wildcat.* (schemas and shapes in csrc/library.cpp).
+
+These take every argument explicitly, including the seed; wildcat.functional adds defaults,
+seeding from a generator and the SDPA-compatible interface.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _fake  # noqa: F401  (fake kernels for torch.compile)
+from ._types import DEFAULT_TAU, DEFAULT_TOL, CompressedKV
+
+
+def rp_nystrom(points: Tensor, rank: int, seed: int = 0, tol: float = DEFAULT_TOL) -> tuple[Tensor, Tensor, Tensor]:
+    """Randomly pivoted Cholesky: (pivots, kinv, rows) of the Gaussian kernel of `points`."""
+    return torch.ops.wildcat.rp_nystrom(points, rank, seed, tol)
+
+
+def compress_kv(
+    keys: Tensor,
+    values: Tensor,
+    rank: int,
+    num_bins: int = 1,
+    scale: Optional[float] = None,
+    query_norm: Optional[Tensor] = None,
+    seed: int = 0,
+    tau: str = DEFAULT_TAU,
+    center_values: bool = False,
+    tol: float = DEFAULT_TOL,
+) -> CompressedKV:
+    """Weighted coreset of keys (..., N, E) and values (..., N, D), per leading index."""
+    return CompressedKV(
+        *torch.ops.wildcat.compress_kv(keys, values, rank, num_bins, scale, query_norm, seed, tau, center_values, tol)
+    )
+
+
+def coreset_attention(
+    query: Tensor,
+    core_keys: Tensor,
+    core_values: Tensor,
+    core_weights: Tensor,
+    scale: Optional[float] = None,
+    value_min: Optional[Tensor] = None,
+    value_max: Optional[Tensor] = None,
+    center_values: bool = False,
+) -> Tensor:
+    """Attention of query (..., Hq, M, E) over a weighted coreset (..., Hkv, r, ·)."""
+    return torch.ops.wildcat.coreset_attention(
+        query, core_keys, core_values, core_weights, scale, value_min, value_max, center_values
+    )

@@ -1,0 +1,480 @@
+"""Plain-PyTorch reference of WildCat attention: the oracle and the documented meaning of every op.
+
+Everything here follows ../shared/ALGORITHM.md (sections cited inline) and runs in any floating
+dtype: float64 inputs are computed in float64, every other dtype in float32, exactly like the
+compiled ops. It is written to be read, not to be fast; tests compare the C++ and CUDA ops against
+it. Randomness comes from the same counter-based generator (Philox4x32-10) as the compiled code,
+written here with int64 tensor arithmetic, so the same seed picks the same pivots.
+
+Functions
+---------
+- :func:`rp_nystrom`: randomly pivoted Cholesky with Nyström weights on pre-scaled points (§2.7).
+- :func:`compress_kv`: the whole of §2: bounds, centring, bins, temperature, pivots, weights.
+- :func:`coreset_attention`: §3, attention of queries over a weighted coreset.
+- :func:`wildcat_attention`: compression followed by coreset attention, as the public API does.
+- :func:`exact_attention`: softmax attention, for comparisons.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._types import DEFAULT_TAU, DEFAULT_TOL, CompressedKV
+
+__all__ = [
+    "DEFAULT_TOL",
+    "CompressedKV",
+    "balanced_sizes",
+    "compress_kv",
+    "coreset_attention",
+    "exact_attention",
+    "key_scale",
+    "lambert_w0",
+    "log_exponential_noise",
+    "philox4x32_10",
+    "query_norm_per_kv_head",
+    "rp_nystrom",
+    "wildcat_attention",
+]
+
+# Numerators whose denominator is not above this are reported as 0 before clamping (§3).
+DENOMINATOR_FLOOR = 1e-20
+
+_TWO_RHO0 = 6.383202050647408
+_CONSTANT_TAU2 = 3.94582
+_MASK32 = 0xFFFFFFFF
+_PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_BUMP = (0x9E3779B9, 0xBB67AE85)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Counter-based random numbers (csrc/kernels/philox.h)
+# ---------------------------------------------------------------------------------------------
+
+
+def _mulhilo32(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """High and low 32-bit words of a * b for a < 2^32 and int64 tensor b < 2^32.
+
+    The full 64-bit product does not fit a signed int64, so b is split into 16-bit halves.
+    """
+    p_lo = a * (b & 0xFFFF)  # < 2^48
+    p_hi = a * (b >> 16)  # < 2^48
+    t = p_lo + ((p_hi & 0xFFFF) << 16)
+    return (p_hi >> 16) + (t >> 32), t & _MASK32
+
+
+def philox4x32_10(counter: tuple, key0: int, key1: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox4x32-10 on int64 tensors holding 32-bit words (broadcast together)."""
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in counter)
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(_PHILOX_MUL[0], c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_MUL[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ key0, lo1, hi0 ^ c3 ^ key1, lo0
+        key0 = (key0 + _PHILOX_BUMP[0]) & _MASK32
+        key1 = (key1 + _PHILOX_BUMP[1]) & _MASK32
+    return c0, c1, c2, c3
+
+
+def log_exponential_noise(
+    seed: int, group: Tensor, step: int, position: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """log E for E ~ Exp(1), the noise of pivot step `step` at `position` (global index in the
+    group's sequence) of `group`; group and position broadcast. See csrc/kernels/philox.h."""
+    seed &= (1 << 64) - 1
+    group = torch.as_tensor(group, dtype=torch.int64)
+    position = torch.as_tensor(position, dtype=torch.int64)
+    words = philox4x32_10(
+        (position >> 2, step, group & _MASK32, group >> 32), seed & _MASK32, seed >> 32
+    )
+    word = torch.stack(torch.broadcast_tensors(*words), -1)
+    word = word.gather(-1, (position & 3).expand(word.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    uniform = (2 * (word >> 9) + 1).to(dtype) * 2.0**-24  # in (0, 1), exact in float32
+    return torch.log(-torch.log(uniform))
+
+
+# ---------------------------------------------------------------------------------------------
+# Temperature (§2.5-2.6)
+# ---------------------------------------------------------------------------------------------
+
+
+def lambert_w0(z: Tensor) -> Tensor:
+    """Principal branch of the Lambert W function for z >= 0 (Halley's iteration)."""
+    w = torch.log1p(z)
+    for _ in range(8):
+        ew = torch.exp(w)
+        f = w * ew - z
+        w = w - f / (ew * (w + 1) - (w + 2) * f / (2 * w + 2))
+    return w
+
+
+def key_scale(
+    beta: float, query_norm: Tensor, key_norm: Tensor, length: Tensor, tau: str
+) -> Tensor:
+    """m = sqrt(beta) / tau of x = m (k - k̄), per bin; 0 where R_q or R_k is 0."""
+    ok = (query_norm > 0) & (key_norm > 0)
+    rq = torch.where(ok, query_norm, torch.ones_like(query_norm))
+    rk = torch.where(ok, key_norm, torch.ones_like(key_norm))
+    if tau == "lambert":
+        gamma = beta * rq * rk
+        b = torch.log(length.to(rq.dtype)) / gamma + 2
+        c = b / (2 * lambert_w0(b / _TWO_RHO0))
+    elif tau == "constant":
+        c = torch.full_like(rq, _CONSTANT_TAU2)
+    else:
+        raise ValueError(f"tau must be 'lambert' or 'constant', got {tau!r}")
+    return torch.where(ok, torch.sqrt(beta * rq / (rk * c)), torch.zeros_like(rq))
+
+
+def balanced_sizes(total: int, parts: int) -> list[int]:
+    """Sizes of `parts` contiguous pieces of `total` items differing by at most one (§2.4)."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Randomly pivoted Cholesky (§2.7)
+# ---------------------------------------------------------------------------------------------
+
+
+def _pivoted_cholesky(
+    x: Tensor,
+    valid: Tensor,
+    steps: Tensor,
+    groups: Tensor,
+    offsets: Tensor,
+    seed: int,
+    tol: float,
+    forced: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run RPCholesky on B independent rows of points at once, one pivot per step.
+
+    x: (B, n, E) scaled points, zero where not valid; valid: (B, n); steps: (B,) pivots wanted per
+    row; groups, offsets: (B,) the random stream of each row (its group, and the global position
+    of its first point). forced: (B, k) local pivots to use instead of sampling; a slot after the
+    first that repeats the first pivot marks an early stop.
+
+    Returns pivots (B, k) local indices (slots after an early stop repeat the first pivot), the
+    inverse kinv = G_SS^-1 (B, k, k) and the kernel rows R = G(x_S, x) (B, k, n), with zero rows
+    and columns for unused slots; k = max(steps).
+    """
+    B, n, _ = x.shape
+    k = int(steps.max()) if B > 0 else 0
+    s = (x * x).sum(-1)
+    d = valid.to(x.dtype)  # residual diagonal of the Gaussian kernel
+    kinv = x.new_zeros(B, k, k)
+    rows = x.new_zeros(B, k, n)
+    pivots = torch.zeros(B, k, dtype=torch.int64)
+    active = torch.ones(B, dtype=torch.bool)
+    positions = offsets[:, None] + torch.arange(n)
+    batch = torch.arange(B)
+    for i in range(k):
+        candidates = d > tol
+        active = active & (i < steps) & candidates.any(-1)
+        if forced is not None:
+            p = forced[:, i]
+            if i > 0:
+                active = active & (p != forced[:, 0])
+        else:
+            noise = log_exponential_noise(seed, groups[:, None], i, positions, x.dtype)
+            score = torch.where(candidates, torch.log(d) + s - noise, -math.inf)
+            p = score.argmax(-1)
+        p = torch.where(active, p, pivots[:, 0])
+        pivots[:, i] = p
+        xp = x[batch, p]
+        sp = s[batch, p]
+        dp = torch.where(active, d[batch, p], torch.ones_like(sp))
+        # R_i(l) = G(x_p, x_l); the min(1, .) guards rounding of exp(-|x_p - x_l|^2 / 2)
+        row = torch.exp((x @ xp[:, :, None])[..., 0] - sp[:, None] / 2 - s / 2)
+        row = torch.clamp(row, max=1.0) * valid
+        # bordering update of kinv = G_SS^-1: g = (kinv a, -1) / sqrt(d_p), kinv += g g^T
+        a = rows[batch[:, None], torch.arange(i)[None, :], p[:, None]]  # (B, i): R_j(p)
+        g = torch.cat([(kinv[:, :i, :i] @ a[:, :, None])[..., 0], -torch.ones(B, 1, dtype=x.dtype)], 1)
+        g = g / torch.sqrt(dp)[:, None] * active[:, None]
+        kinv[:, : i + 1, : i + 1] += g[:, :, None] * g[:, None, :]
+        rows[:, i] = row * active[:, None]
+        # residual: y is (minus) the new column of the Cholesky factor
+        y = (g[:, :, None] * rows[:, : i + 1]).sum(1)
+        d = torch.where(active[:, None], torch.clamp(d - y * y, min=0.0), d)
+        d[batch[active], p[active]] = 0.0
+    return pivots, kinv, rows
+
+
+def rp_nystrom(points: Tensor, rank: int, seed: int, tol: float = DEFAULT_TOL):
+    """Randomly pivoted Cholesky on the Gaussian kernel G(x, y) = exp(-|x - y|^2 / 2) of `points`
+    (..., N, E), sampling pivots proportionally to d_l exp(|x_l|^2), the residual diagonal of the
+    exponential kernel (§2.7). Group g of the random stream is the flattened leading index.
+
+    Returns pivots (..., r') int64, kinv = G_SS^-1 (..., r', r') and rows = G(x_S, x) (..., r', N)
+    with r' = min(rank, N); slots after an early stop repeat the first pivot and have zero rows
+    and columns in kinv and rows. Computed in float64 for float64 input, float32 otherwise.
+    """
+    lead = points.shape[:-2]
+    n, e = points.shape[-2:]
+    kept = min(rank, n)
+    groups = math.prod(lead)
+    x = points.reshape(groups, n, e).to(_acc_dtype(points.dtype))
+    if n == 0 or groups == 0:
+        return (
+            torch.zeros(*lead, kept, dtype=torch.int64),
+            x.new_zeros(*lead, kept, kept),
+            x.new_zeros(*lead, kept, n),
+        )
+    pivots, kinv, rows = _pivoted_cholesky(
+        x,
+        torch.ones(groups, n, dtype=torch.bool),
+        torch.full((groups,), kept),
+        torch.arange(groups),
+        torch.zeros(groups, dtype=torch.int64),
+        seed,
+        tol,
+    )
+    return pivots.reshape(*lead, kept), kinv.reshape(*lead, kept, kept), rows.reshape(*lead, kept, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compression (§2)
+# ---------------------------------------------------------------------------------------------
+
+
+def compress_kv(
+    keys: Tensor,
+    values: Tensor,
+    rank: int,
+    num_bins: int = 1,
+    scale: Optional[float] = None,
+    query_norm: Optional[Tensor] = None,
+    seed: int = 0,
+    tau: str = DEFAULT_TAU,
+    center_values: bool = False,
+    tol: float = DEFAULT_TOL,
+    core_indices: Optional[Tensor] = None,
+) -> CompressedKV:
+    """Compress keys (..., N, E) and values (..., N, D) of every group into a weighted coreset.
+
+    query_norm (...,): R_q, the largest query norm of each group (attention mode); None for
+    query-agnostic compression (R_q = R_k per bin). core_indices: pivots to use instead of
+    sampling (as returned by a previous call), to compare arithmetic with the sampling fixed.
+    """
+    lead = keys.shape[:-2]
+    n, e = keys.shape[-2:]
+    dv = values.shape[-1]
+    groups = math.prod(lead)
+    acc = _acc_dtype(keys.dtype)
+    beta = 1.0 / math.sqrt(e) if scale is None else float(scale)
+    kept = min(rank, n)
+    if n == 0 or groups == 0:
+        zeros = torch.zeros(*lead, dv, dtype=acc)
+        return CompressedKV(
+            keys.new_zeros(*lead, kept, e),
+            torch.zeros(*lead, kept, dv, dtype=acc),
+            torch.zeros(*lead, kept, dtype=acc),
+            torch.zeros(*lead, kept, dtype=torch.int64),
+            zeros,
+            zeros.clone(),
+        )
+
+    k_all = keys.reshape(groups, n, e).to(acc)
+    v_all = values.reshape(groups, n, dv).to(acc)
+    value_min, value_max = v_all.amin(1), v_all.amax(1)  # §2.1
+    k_centred = k_all - k_all.mean(1, keepdim=True)  # §2.2
+    if center_values:  # §2.3
+        v_all = v_all - ((value_min + value_max) / 2)[:, None, :]
+
+    # §2.4: bins of balanced length, slots split the same way; row g * C + b is (group g, bin b)
+    lengths = balanced_sizes(n, num_bins)
+    slots = balanced_sizes(rank, num_bins)
+    starts = [sum(lengths[:b]) for b in range(num_bins)]
+    width = max(lengths)
+    local = torch.arange(width)
+    valid = torch.stack([local < length for length in lengths])  # (C, width)
+    index = torch.stack([start + torch.clamp(local, max=length - 1) for start, length in zip(starts, lengths)])
+    sampled = torch.tensor([length > slot for length, slot in zip(lengths, slots)])
+    rows = groups * num_bins
+    kc = (k_centred[:, index] * valid[None, :, :, None]).reshape(rows, width, e)
+
+    # §2.5-2.6: temperature per bin
+    key_norm = kc.norm(dim=-1).amax(-1)
+    if query_norm is None:
+        rq = key_norm
+    else:
+        rq = query_norm.reshape(groups).to(acc).repeat_interleave(num_bins)
+    bin_length = torch.tensor(lengths).repeat(groups)
+    m = key_scale(beta, rq, key_norm, bin_length, tau)
+    x = m[:, None, None] * kc
+
+    forced = None
+    if core_indices is not None:
+        forced = _forced_local_pivots(core_indices.reshape(groups, kept), lengths, slots, starts)
+    steps = torch.tensor([slot if is_sampled else 0 for slot, is_sampled in zip(slots, sampled)]).repeat(groups)
+    pivots, kinv, kernel_rows = _pivoted_cholesky(
+        x,
+        valid.repeat(groups, 1),
+        steps,
+        torch.arange(groups).repeat_interleave(num_bins),
+        torch.tensor(starts).repeat(groups),
+        seed,
+        tol,
+        forced,
+    )
+
+    # §2.8: exponential-kernel weights W = (kinv R) * exp((s_l - s_p) / 2); V̂ = W V, w = W 1
+    s = (x * x).sum(-1)
+    s_pivot = s.gather(1, pivots)
+    weights = (kinv @ kernel_rows) * torch.exp((s[:, None, :] - s_pivot[:, :, None]) / 2)
+    v_bins = (v_all[:, index] * valid[None, :, :, None]).reshape(rows, width, dv)
+    width_slots = pivots.shape[1]
+    compressed_values = (weights @ v_bins).reshape(groups, num_bins, width_slots, dv)
+    compressed_weights = weights.sum(-1).reshape(groups, num_bins, width_slots)
+    pivots = pivots.reshape(groups, num_bins, width_slots)
+
+    out_values, out_weights, out_indices = [], [], []
+    for b in range(num_bins):
+        if sampled[b]:
+            out_values.append(compressed_values[:, b, : slots[b]])
+            out_weights.append(compressed_weights[:, b, : slots[b]])
+            out_indices.append(starts[b] + pivots[:, b, : slots[b]])
+        else:  # a bin no longer than its share keeps its keys exactly
+            span = slice(starts[b], starts[b] + lengths[b])
+            out_values.append(v_all[:, span])
+            out_weights.append(torch.ones(groups, lengths[b], dtype=acc))
+            out_indices.append(torch.arange(span.start, span.stop).expand(groups, -1))
+    core_values = torch.cat(out_values, 1)
+    core_weights = torch.cat(out_weights, 1)
+    indices = torch.cat(out_indices, 1)
+    core_keys = keys.reshape(groups, n, e)[torch.arange(groups)[:, None], indices]
+    return CompressedKV(
+        core_keys.reshape(*lead, kept, e),
+        core_values.reshape(*lead, kept, dv),
+        core_weights.reshape(*lead, kept),
+        indices.reshape(*lead, kept),
+        value_min.reshape(*lead, dv),
+        value_max.reshape(*lead, dv),
+    )
+
+
+def _forced_local_pivots(core_indices: Tensor, lengths, slots, starts) -> Tensor:
+    """(groups, r') global pivots → (groups * C, max slots) local pivots per (group, bin) row."""
+    groups = core_indices.shape[0]
+    width = max(slots)
+    out = torch.zeros(groups, len(lengths), width, dtype=torch.int64)
+    offset = 0
+    for b, (length, slot, start) in enumerate(zip(lengths, slots, starts)):
+        taken = min(length, slot)
+        if length > slot:
+            out[:, b, :slot] = core_indices[:, offset : offset + slot] - start
+        offset += taken
+    return out.reshape(groups * len(lengths), width)
+
+
+# ---------------------------------------------------------------------------------------------
+# Coreset attention (§3) and the whole pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+def _expand_kv_heads(t: Tensor, query_heads: Optional[int], head_dim: int) -> Tensor:
+    """Repeat kv heads so that query head h reads kv head h // (Hq / Hkv) (the oracle may copy).
+    query_heads is None for inputs without a head dimension."""
+    if query_heads is None or t.shape[head_dim] == query_heads:
+        return t
+    kv_heads = t.shape[head_dim]
+    return t.repeat_interleave(query_heads // kv_heads, dim=head_dim)
+
+
+def coreset_attention(
+    query: Tensor,
+    core_keys: Tensor,
+    core_values: Tensor,
+    core_weights: Tensor,
+    scale: Optional[float] = None,
+    value_min: Optional[Tensor] = None,
+    value_max: Optional[Tensor] = None,
+    center_values: bool = False,
+) -> Tensor:
+    """Ô(q) = Σ_s exp(β q·k_s) V̂_s / Σ_s exp(β q·k_s) w_s, clamped to [value_min, value_max].
+
+    query (..., Hq, M, E); core tensors (..., Hkv, r, ·) with Hq a multiple of Hkv (GQA);
+    value bounds (..., Hkv, D). Returns (..., Hq, M, D) in the query's dtype.
+    """
+    acc = _acc_dtype(query.dtype)
+    e = query.shape[-1]
+    beta = 1.0 / math.sqrt(e) if scale is None else float(scale)
+    q = query.to(acc)
+    heads = query.shape[-3] if query.dim() >= 3 else None
+    keys = _expand_kv_heads(core_keys.to(acc), heads, -3)
+    values = _expand_kv_heads(core_values.to(acc), heads, -3)
+    weights = _expand_kv_heads(core_weights.to(acc), heads, -2)
+    logits = beta * (q @ keys.transpose(-1, -2))
+    if logits.shape[-1] == 0:
+        out = q.new_zeros(*logits.shape[:-1], values.shape[-1])
+    else:
+        p = torch.exp(logits - logits.amax(-1, keepdim=True))
+        numerator = p @ values
+        denominator = p @ weights[..., None]
+        positive = denominator > DENOMINATOR_FLOOR
+        out = torch.where(positive, numerator / torch.where(positive, denominator, 1.0), 0.0)
+
+    def bound(t: Optional[Tensor]) -> Optional[Tensor]:
+        return None if t is None else _expand_kv_heads(t.to(acc), heads, -2)[..., None, :]
+
+    low, high = bound(value_min), bound(value_max)
+    if center_values:
+        out = out + (low + high) / 2
+    if low is not None:
+        out = torch.maximum(out, low)
+    if high is not None:
+        out = torch.minimum(out, high)
+    return out.to(query.dtype)
+
+
+def query_norm_per_kv_head(query: Tensor, kv_heads: Optional[int] = None) -> Tensor:
+    """R_q per group: the largest query norm over the M queries of every query head sharing a kv
+    head. query (..., Hq, M, E) → (..., Hkv); a rank-2 query (M, E) gives a scalar."""
+    norms = query.to(_acc_dtype(query.dtype)).norm(dim=-1)
+    if query.shape[-2] == 0:
+        norms = norms.new_zeros(norms.shape[:-1])
+    else:
+        norms = norms.amax(-1)
+    if query.dim() < 3 or kv_heads is None or kv_heads == query.shape[-3]:
+        return norms
+    return norms.unflatten(-1, (kv_heads, -1)).amax(-1)
+
+
+def wildcat_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    rank: int,
+    num_bins: int = 1,
+    scale: Optional[float] = None,
+    seed: int = 0,
+    tau: str = DEFAULT_TAU,
+    center_values: bool = False,
+    tol: float = DEFAULT_TOL,
+) -> Tensor:
+    """WildCat attention: compress every kv head with the query norm of its group, then attend."""
+    kv_heads = key.shape[-3] if key.dim() >= 3 else None
+    q_norm = query_norm_per_kv_head(query, kv_heads)
+    core = compress_kv(key, value, rank, num_bins, scale, q_norm, seed, tau, center_values, tol)
+    return coreset_attention(
+        query, core.core_keys, core.core_values, core.core_weights, scale,
+        core.value_min, core.value_max, center_values,
+    )
+
+
+def exact_attention(query: Tensor, key: Tensor, value: Tensor, scale: Optional[float] = None) -> Tensor:
+    """softmax(β Q Kᵀ) V in the query's accumulation dtype (GQA by repeating kv heads)."""
+    acc = _acc_dtype(query.dtype)
+    beta = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    heads = query.shape[-3] if query.dim() >= 3 else None
+    k = _expand_kv_heads(key.to(acc), heads, -3)
+    v = _expand_kv_heads(value.to(acc), heads, -3)
+    if k.shape[-2] == 0:
+        return query.new_zeros(*query.shape[:-1], v.shape[-1]).to(acc)
+    return torch.softmax(beta * (query.to(acc) @ k.transpose(-1, -2)), -1) @ v
