@@ -37,7 +37,12 @@ def _extension():
     with_cuda = _with_cuda()
     sources = _sources("csrc/*.cpp") + _sources("csrc/ops/*.cpp") + _sources("csrc/ops/cpu/*.cpp")
     sources += _sources("csrc/python/*.cpp")
-    cxx = ["-O3", "-fopenmp-simd"]
+    # -fopenmp: at::parallel_for is inline OpenMP in ATen's headers; without it our tasks run
+    # serially. -fopenmp also honours the `omp simd` loops of the CPU kernels.
+    # -fno-trapping-math -fno-math-errno: nothing here reads FP exception flags or errno; without
+    # them the compiler may not if-convert or vectorize loops with conditional FP arithmetic
+    # (measured 3x on the pivot loop, benchmarks/NOTES.md).
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     macros = []
     kwargs = {}
     if with_cuda:
@@ -49,9 +54,11 @@ def _extension():
             "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
         }
         kwargs["libraries"] = ["cublas"]
+        kwargs["extra_link_args"] = ["-fopenmp"]
         make = CUDAExtension
     else:
         kwargs["extra_compile_args"] = {"cxx": cxx}
+        kwargs["extra_link_args"] = ["-fopenmp"]
         make = CppExtension
     print(f"wildcat: building {'with' if with_cuda else 'without'} CUDA kernels"
           + (f" (TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})" if with_cuda else ""))

@@ -14,6 +14,7 @@
 #pragma once
 
 #include "common.h"
+#include "fastmath.h"
 
 namespace wildcat {
 namespace kernels {
@@ -66,14 +67,17 @@ WILDCAT_HD Philox4 pivot_noise_bits(uint64_t seed, uint64_t group, uint32_t step
 // u = (2k + 1) / 2^24, exactly representable in float and double, never 0 or 1.
 template <typename T>
 WILDCAT_HD T open_uniform(uint32_t word) {
-  return static_cast<T>(2u * (word >> 9) + 1u) * static_cast<T>(5.9604644775390625e-08);  // 2^-24
+  // via int32 (the value is below 2^24): SIMD units convert signed integers to float directly
+  return static_cast<T>(static_cast<int32_t>(2u * (word >> 9) + 1u)) *
+         static_cast<T>(5.9604644775390625e-08);  // 2^-24
 }
 
-// log of an Exp(1) variate. Gumbel-max selection argmax(log d + s + g) with g = -log(E) is the same
-// as argmax(log d + s - log E): sampling proportional to d * exp(s) (ALGORITHM.md §2.7).
+// An Exp(1) variate E = -log(u). Pivot selection takes the largest log(d_l / E_l) + s_l over the
+// candidates, which is Gumbel-max argmax(log d + s + g) with g = -log E: a sample proportional to
+// d_l exp(s_l) (ALGORITHM.md §2.7).
 template <typename T>
-WILDCAT_HD T log_exponential(uint32_t word) {
-  return std::log(-std::log(open_uniform<T>(word)));
+WILDCAT_HD T exponential_variate(uint32_t word) {
+  return -vlog(open_uniform<T>(word));
 }
 
 }  // namespace kernels

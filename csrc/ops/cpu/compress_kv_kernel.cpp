@@ -77,19 +77,26 @@ void compress_bin(const CompressParams& p, int64_t group, int64_t bin, const T* 
     return;
   }
 
-  // §2.2, 2.5, 2.6: centred keys, the bin's key norm, temperature and scaled points
-  std::vector<T> x(length * e);
-  T key_norm = 0;
+  // §2.2, 2.5, 2.6: centred keys (transposed for the pivot loop), the bin's key norm,
+  // temperature and scaled points
+  std::vector<T> xt(e * length);
+  T key_norm2 = 0;
   for (int64_t l = 0; l < length; ++l) {
-    for (int64_t c = 0; c < e; ++c) x[l * e + c] = keys[l * e + c] - key_mean[c];
-    key_norm = std::max(key_norm, std::sqrt(dot(&x[l * e], &x[l * e], e)));
+    T norm2 = 0;
+    for (int64_t c = 0; c < e; ++c) {
+      const T centred = keys[l * e + c] - key_mean[c];
+      xt[c * length + l] = centred;
+      norm2 += centred * centred;
+    }
+    key_norm2 = std::max(key_norm2, norm2);
   }
+  const T key_norm = std::sqrt(key_norm2);
   const T rq = p.has_query_norm ? query_norm : key_norm;
   const T m = kernels::key_scale<T>(static_cast<T>(p.beta), rq, key_norm, length, p.tau);
-  for (T& v : x) v *= m;
+  for (T& v : xt) v *= m;
 
   PivotedCholesky<T> chol;
-  chol.run(x.data(), length, e, slots, NoiseStream{p.seed, static_cast<uint64_t>(group), start},
+  chol.run(xt.data(), length, e, slots, NoiseStream{p.seed, static_cast<uint64_t>(group), start},
            static_cast<T>(p.tol));
   const int64_t k = chol.count();
   const std::vector<T>& s = chol.sq_norms();
@@ -99,12 +106,12 @@ void compress_bin(const CompressParams& p, int64_t group, int64_t bin, const T* 
   const T s_ref = *std::max_element(s.begin(), s.end());
   const int64_t cols = dv + 1;  // compressed values | weights
   std::vector<T> rhs(k * cols, T(0));
+  std::vector<T> row_scale(length);
+  for (int64_t l = 0; l < length; ++l) row_scale[l] = std::exp((s[l] - s_ref) / 2);
   for (int64_t l = 0; l < length; ++l) {
-    const T scale_l = std::exp((s[l] - s_ref) / 2);
-    const T* fl = chol.factor_row(l);
     const T* vl = values + l * dv;
     for (int64_t j = 0; j < k; ++j) {
-      const T c = fl[j] * scale_l;
+      const T c = chol.factor_column(j)[l] * row_scale[l];
       T* row = rhs.data() + j * cols;
 #pragma omp simd
       for (int64_t col = 0; col < dv; ++col) row[col] += c * vl[col];
@@ -122,9 +129,9 @@ void compress_bin(const CompressParams& p, int64_t group, int64_t bin, const T* 
   for (int64_t i = 0; i < slots; ++i) {
     core_indices[i] = start + chol.pivot(i);
     if (i < k) {
-      const T row_scale = std::exp((s_ref - s[chol.pivot(i)]) / 2);
-      for (int64_t c = 0; c < dv; ++c) core_values[i * dv + c] = rhs[i * cols + c] * row_scale;
-      core_weights[i] = rhs[i * cols + dv] * row_scale;
+      const T pivot_scale = std::exp((s_ref - s[chol.pivot(i)]) / 2);
+      for (int64_t c = 0; c < dv; ++c) core_values[i * dv + c] = rhs[i * cols + c] * pivot_scale;
+      core_weights[i] = rhs[i * cols + dv] * pivot_scale;
     } else {  // after an early stop: zero weight, zero value
       for (int64_t c = 0; c < dv; ++c) core_values[i * dv + c] = T(0);
       core_weights[i] = T(0);
@@ -216,8 +223,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 template <typename T>
 void rp_nystrom_group(const T* x, int64_t n, int64_t dim, int64_t kept, uint64_t seed, uint64_t group,
                       T tol, int64_t* pivots, T* kinv, T* rows) {
+  std::vector<T> xt(dim * n);
+  for (int64_t l = 0; l < n; ++l) {
+    for (int64_t c = 0; c < dim; ++c) xt[c * n + l] = x[l * dim + c];
+  }
   PivotedCholesky<T> chol;
-  chol.run(x, n, dim, kept, NoiseStream{seed, group, 0}, tol);
+  chol.run(xt.data(), n, dim, kept, NoiseStream{seed, group, 0}, tol);
   const int64_t k = chol.count();
   for (int64_t i = 0; i < kept; ++i) pivots[i] = chol.pivot(i);
   // kinv = (T Tᵀ)^-1 = T^-T T^-1, from the inverse of the lower-triangular factor
@@ -237,13 +248,17 @@ void rp_nystrom_group(const T* x, int64_t n, int64_t dim, int64_t kept, uint64_t
       kinv[a * kept + b] = acc;
     }
   }
+  // rows = G(x_S, x), the exact kernel rows
   const std::vector<T>& s = chol.sq_norms();
   for (int64_t i = 0; i < k; ++i) {
-    const T* xp = x + chol.pivot(i) * dim;
-    const T half_sp = s[chol.pivot(i)] / 2;
-    for (int64_t l = 0; l < n; ++l) {
-      rows[i * n + l] = std::min(T(1), std::exp(dot(x + l * dim, xp, dim) - half_sp - s[l] / 2));
+    const int64_t p = chol.pivot(i);
+    T* row = rows + i * n;
+    for (int64_t c = 0; c < dim; ++c) {
+      const T xpc = xt[c * n + p];
+      const T* xc = xt.data() + c * n;
+      for (int64_t l = 0; l < n; ++l) row[l] += xpc * xc[l];
     }
+    for (int64_t l = 0; l < n; ++l) row[l] = std::min(T(1), std::exp(row[l] - s[p] / 2 - s[l] / 2));
   }
 }
 

@@ -2,8 +2,8 @@
 //
 // Each task owns a block of queries of one query head and reads the coreset of its kv head
 // (h / (Hq / Hkv): grouped-query attention by index arithmetic, no copies of the coreset).
-// One pass over the r slots per query with a running maximum, as flash attention does, so the
-// logits are never stored.
+// Per tile of queries: logits by axpys over the slots (keys transposed), their maximum, then the
+// weighted sums; the logits live in a small buffer.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -15,7 +15,7 @@
 
 #include "../../kernels/common.h"
 #include "../checks.h"
-#include "pivoted_cholesky.h"
+#include "../../kernels/fastmath.h"
 
 namespace wildcat {
 namespace cpu {
@@ -27,10 +27,10 @@ constexpr double kDenominatorFloor = 1e-20;
 
 template <typename T>
 struct AttentionArgs {
-  const T* query;   // (batch, Hq, M, E)
-  const T* keys;    // (batch, Hkv, r, E)
-  const T* values;  // (batch, Hkv, r, D)
-  const T* weights; // (batch, Hkv, r)
+  const T* query;      // (batch, Hq, M, E)
+  const T* keys_t;     // (batch, Hkv, E, r): transposed, so logits are axpys over the slots
+  const T* values;     // (batch, Hkv, r, D)
+  const T* weights;    // (batch, Hkv, r)
   const T* value_min;  // (batch, Hkv, D) or null
   const T* value_max;
   bool center_values;
@@ -38,45 +38,71 @@ struct AttentionArgs {
   int64_t batch, q_heads, kv_heads, m, r, e, dv;
 };
 
+// Queries processed together, so that every key and value loaded feeds kTile multiply-adds.
+constexpr int64_t kTile = 4;
+
 template <typename T>
 void attend_block(const AttentionArgs<T>& a, int64_t bh, int64_t m_begin, int64_t m_end, T* out,
-                  std::vector<T>& numerator) {
+                  std::vector<T>& logits, std::vector<T>& numerator) {
   const int64_t b = bh / a.q_heads, h = bh % a.q_heads;
   const int64_t kvh = b * a.kv_heads + h / (a.q_heads / a.kv_heads);
-  const T* keys = a.keys + kvh * a.r * a.e;
-  const T* values = a.values + kvh * a.r * a.dv;
-  const T* weights = a.weights + kvh * a.r;
-  const T* vmin = a.value_min ? a.value_min + kvh * a.dv : nullptr;
-  const T* vmax = a.value_max ? a.value_max + kvh * a.dv : nullptr;
-  numerator.resize(a.dv);
-  for (int64_t i = m_begin; i < m_end; ++i) {
-    const T* q = a.query + (bh * a.m + i) * a.e;
-    T* o = out + (bh * a.m + i) * a.dv;
-    std::fill(numerator.begin(), numerator.end(), T(0));
-    T denominator = 0;
-    T running_max = -std::numeric_limits<T>::infinity();
-    for (int64_t s = 0; s < a.r; ++s) {
-      const T z = a.beta * dot(q, keys + s * a.e, a.e);
-      if (z > running_max) {  // rescale what was accumulated under the old maximum
-        const T correction = std::exp(running_max - z);
-        denominator *= correction;
+  const int64_t r = a.r, dv = a.dv, e = a.e;
+  const T* keys_t = a.keys_t + kvh * e * r;
+  const T* values = a.values + kvh * r * dv;
+  const T* weights = a.weights + kvh * r;
+  const T* vmin = a.value_min ? a.value_min + kvh * dv : nullptr;
+  const T* vmax = a.value_max ? a.value_max + kvh * dv : nullptr;
+  logits.resize(kTile * r);
+  numerator.resize(kTile * dv);
+  T* z = logits.data();
+  T* num = numerator.data();
+  for (int64_t i0 = m_begin; i0 < m_end; i0 += kTile) {
+    const int64_t tile = std::min(kTile, m_end - i0);
+    const T* q = a.query + (bh * a.m + i0) * e;
+    std::fill(z, z + kTile * r, T(0));
+    for (int64_t c = 0; c < e; ++c) {  // z[t] = β K q_t
+      T qc[kTile];
+      for (int64_t t = 0; t < kTile; ++t) qc[t] = t < tile ? a.beta * q[t * e + c] : T(0);
+      const T* kc = keys_t + c * r;
 #pragma omp simd
-        for (int64_t c = 0; c < a.dv; ++c) numerator[c] *= correction;
-        running_max = z;
+      for (int64_t s = 0; s < r; ++s) {
+        for (int64_t t = 0; t < kTile; ++t) z[t * r + s] += qc[t] * kc[s];
       }
-      const T p = std::exp(z - running_max);
-      denominator += p * weights[s];
-      const T* v = values + s * a.dv;
-#pragma omp simd
-      for (int64_t c = 0; c < a.dv; ++c) numerator[c] += p * v[c];
     }
-    const bool positive = denominator > T(kDenominatorFloor);
-    for (int64_t c = 0; c < a.dv; ++c) {
-      T y = positive ? numerator[c] / denominator : T(0);
-      if (a.center_values) y += (vmin[c] + vmax[c]) / 2;
-      if (vmin) y = std::max(y, vmin[c]);
-      if (vmax) y = std::min(y, vmax[c]);
-      o[c] = y;
+    T denominator[kTile];
+    for (int64_t t = 0; t < kTile; ++t) {  // P = exp(z - max z), denominator Σ P w
+      T* zt = z + t * r;
+      T z_max = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : z_max)
+      for (int64_t s = 0; s < r; ++s) z_max = std::max(z_max, zt[s]);
+      T den = 0;
+#pragma omp simd reduction(+ : den)
+      for (int64_t s = 0; s < r; ++s) {
+        zt[s] = kernels::vexp(zt[s] - z_max);
+        den += zt[s] * weights[s];
+      }
+      denominator[t] = den;
+    }
+    std::fill(num, num + kTile * dv, T(0));
+    for (int64_t s = 0; s < r; ++s) {  // numerator Σ P V̂
+      T p[kTile];
+      for (int64_t t = 0; t < kTile; ++t) p[t] = z[t * r + s];
+      const T* v = values + s * dv;
+#pragma omp simd
+      for (int64_t c = 0; c < dv; ++c) {
+        for (int64_t t = 0; t < kTile; ++t) num[t * dv + c] += p[t] * v[c];
+      }
+    }
+    for (int64_t t = 0; t < tile; ++t) {
+      T* o = out + (bh * a.m + i0 + t) * dv;
+      const bool positive = denominator[t] > T(kDenominatorFloor);
+      for (int64_t c = 0; c < dv; ++c) {
+        T y = positive ? num[t * dv + c] / denominator[t] : T(0);
+        if (a.center_values) y += (vmin[c] + vmax[c]) / 2;
+        if (vmin) y = std::max(y, vmin[c]);
+        if (vmax) y = std::min(y, vmax[c]);
+        o[c] = y;
+      }
     }
   }
 }
@@ -100,7 +126,7 @@ at::Tensor coreset_attention_cpu(const at::Tensor& query, const at::Tensor& core
   if (query.numel() == 0) return at::zeros(out_shape, query.options());
 
   const at::Tensor q = query.to(acc).contiguous();
-  const at::Tensor k = core_keys.to(acc).contiguous();
+  const at::Tensor k = core_keys.to(acc).transpose(-1, -2).contiguous();
   const at::Tensor v = core_values.to(acc).contiguous();
   const at::Tensor w = core_weights.to(acc).contiguous();
   std::optional<at::Tensor> lo, hi;
@@ -118,11 +144,11 @@ at::Tensor coreset_attention_cpu(const at::Tensor& query, const at::Tensor& core
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const int64_t blocks_per_head = (m + kQueryBlock - 1) / kQueryBlock;
     at::parallel_for(0, batch * q_heads * blocks_per_head, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> numerator;
+      std::vector<scalar_t> logits, numerator;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t bh = task / blocks_per_head;
         const int64_t m_begin = (task % blocks_per_head) * kQueryBlock;
-        attend_block(args, bh, m_begin, std::min(m, m_begin + kQueryBlock), o, numerator);
+        attend_block(args, bh, m_begin, std::min(m, m_begin + kQueryBlock), o, logits, numerator);
       }
     });
   });
