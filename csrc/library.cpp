@@ -3,7 +3,10 @@
 //
 // Ops are functional (they return new tensors) and their output shapes depend only on input
 // shapes and int arguments, so fake kernels are trivial and nothing in them syncs with the host.
-// Randomness is an explicit seed feeding a counter-based generator (csrc/kernels/philox.h).
+// Randomness is an explicit seed feeding a counter-based generator (csrc/kernels/philox.h). The
+// seed is a one-element int64 tensor (None means 0), on the CPU or on the inputs' device: a
+// seed drawn on the GPU is read by the kernel, so every replay of a captured CUDA graph samples
+// afresh, and torch.compile can trace the seed as a tensor.
 #include <torch/library.h>
 
 TORCH_LIBRARY(wildcat, m) {
@@ -12,7 +15,7 @@ TORCH_LIBRARY(wildcat, m) {
   //   pivots (..., r') int64; kinv = G_SS^-1 (..., r', r'); rows = G(x_S, x) (..., r', N),
   //   float32 (float64 for float64 points). Slots after an early stop (every residual <= tol)
   //   repeat the first pivot and have zero rows and columns.
-  m.def("rp_nystrom(Tensor points, int rank, int seed=0, float tol=1e-05) -> "
+  m.def("rp_nystrom(Tensor points, int rank, Tensor? seed=None, float tol=1e-05) -> "
         "(Tensor pivots, Tensor kinv, Tensor rows)",
         {at::Tag::pt2_compliant_tag});
 
@@ -27,7 +30,7 @@ TORCH_LIBRARY(wildcat, m) {
   // scale: softmax scale β, default 1/sqrt(E). tau: "lambert" (closed form) or "constant".
   // center_values: compress V - (v_min + v_max)/2; coreset_attention must then add it back.
   m.def("compress_kv(Tensor keys, Tensor values, int rank, int num_bins=1, float? scale=None, "
-        "Tensor? query_norm=None, int seed=0, str tau=\"lambert\", bool center_values=False, "
+        "Tensor? query_norm=None, Tensor? seed=None, str tau=\"lambert\", bool center_values=False, "
         "float tol=1e-05) -> (Tensor core_keys, Tensor core_values, Tensor core_weights, "
         "Tensor core_indices, Tensor value_min, Tensor value_max)",
         {at::Tag::pt2_compliant_tag});

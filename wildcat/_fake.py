@@ -15,10 +15,20 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_seed(op: str, seed, like) -> None:
+    if seed is None:
+        return
+    torch._check(seed.dtype == torch.int64, lambda: f"wildcat.{op}: seed must be an int64 tensor, got {seed.dtype}")
+    torch._check(seed.numel() == 1, lambda: f"wildcat.{op}: seed must hold one element, got {tuple(seed.shape)}")
+    torch._check(seed.device.type == "cpu" or seed.device == like.device,
+                 lambda: f"wildcat.{op}: seed is on {seed.device}; it must be on the CPU or on {like.device}")
+
+
 @torch.library.register_fake("wildcat::rp_nystrom")
-def _rp_nystrom_fake(points, rank, seed=0, tol=1e-5):
+def _rp_nystrom_fake(points, rank, seed=None, tol=1e-5):
     torch._check(points.dim() >= 2, lambda: f"wildcat.rp_nystrom: points must be (..., N, E), got {tuple(points.shape)}")
     torch._check(rank >= 1, lambda: f"wildcat.rp_nystrom: rank must be >= 1, got {rank}")
+    _check_seed("rp_nystrom", seed, points)
     lead, n = points.shape[:-2], points.shape[-2]
     kept = torch.sym_min(rank, n)
     acc = _acc(points.dtype)
@@ -30,13 +40,15 @@ def _rp_nystrom_fake(points, rank, seed=0, tol=1e-5):
 
 
 @torch.library.register_fake("wildcat::compress_kv")
-def _compress_kv_fake(keys, values, rank, num_bins=1, scale=None, query_norm=None, seed=0,
+def _compress_kv_fake(keys, values, rank, num_bins=1, scale=None, query_norm=None, seed=None,
                       tau="lambert", center_values=False, tol=1e-5):
     torch._check(keys.dim() >= 2, lambda: f"wildcat.compress_kv: keys must be (..., N, E), got {tuple(keys.shape)}")
     torch._check(values.dim() == keys.dim(), lambda: "wildcat.compress_kv: values must have the rank of keys")
     torch._check(keys.shape[:-1] == values.shape[:-1],
                  lambda: f"wildcat.compress_kv: keys {tuple(keys.shape)} and values {tuple(values.shape)} must match but in the last dim")
     torch._check(keys.dtype == values.dtype, lambda: "wildcat.compress_kv: keys and values must have one dtype")
+    torch._check(keys.device == values.device, lambda: "wildcat.compress_kv: keys and values must be on one device")
+    _check_seed("compress_kv", seed, keys)
     torch._check(rank >= 1, lambda: f"wildcat.compress_kv: r (rank) must be >= 1, got {rank}")
     lead, (n, e), dv = keys.shape[:-2], keys.shape[-2:], values.shape[-1]
     kept = torch.sym_min(rank, n)
@@ -57,6 +69,8 @@ def _coreset_attention_fake(query, core_keys, core_values, core_weights, scale=N
     torch._check(query.dim() >= 2, lambda: f"wildcat.coreset_attention: query must be (..., M, E), got {tuple(query.shape)}")
     torch._check(core_keys.dim() == query.dim() and core_values.dim() == query.dim(),
                  lambda: "wildcat.coreset_attention: core_keys and core_values must have the rank of query")
+    torch._check(all(t.device == query.device for t in (core_keys, core_values, core_weights)),
+                 lambda: "wildcat.coreset_attention: all tensors must be on one device")
     torch._check(query.shape[-1] == core_keys.shape[-1],
                  lambda: f"wildcat.coreset_attention: query has E = {query.shape[-1]}, core_keys {core_keys.shape[-1]}")
     return query.new_empty(*query.shape[:-1], core_values.shape[-1])

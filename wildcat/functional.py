@@ -3,7 +3,6 @@ and the two phases (compress_kv, coreset_attention) for callers that reuse a com
 
 from __future__ import annotations
 
-import random
 from typing import Optional
 
 import torch
@@ -18,28 +17,35 @@ __all__ = ["compress_kv", "coreset_attention", "draw_seed", "scaled_dot_product_
 _SEED_HIGH = 2**63 - 1
 
 
-def draw_seed(seed: Optional[int] = None, generator: Optional[torch.Generator] = None) -> int:
-    """The seed of one call's pivot sampling.
+def draw_seed(
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[torch.device] = None,
+) -> Tensor:
+    """The seed of one call's pivot sampling, as a one-element int64 tensor.
 
-    `seed` is used as given. Otherwise a fresh seed is drawn from `generator`, or from torch's
-    default CPU generator (so `torch.manual_seed` makes runs reproducible). Inside torch.compile a
-    generator cannot be traced: seeds then come from Python's `random` module, drawn afresh on
-    every call of the compiled code (seed it with `random.seed`), or pass `seed`.
+    `seed` (an int) is used as given. Otherwise a fresh seed is drawn from `generator`, or from
+    torch's default generator of `device` (so `torch.manual_seed` makes runs reproducible). A seed
+    drawn on a CUDA device stays there and is read by the kernels: each replay of a captured CUDA
+    graph then draws a new one, as torch's own random ops do. Inside torch.compile the draw is
+    traced like any random op; a `generator` cannot be traced there (pass `seed` instead).
     """
     if seed is not None:
         if generator is not None:
             raise ValueError("wildcat: pass either seed or generator, not both")
+        if isinstance(seed, Tensor):
+            return seed
         if isinstance(seed, bool) or not isinstance(seed, (int, torch.SymInt)):
             raise TypeError(f"wildcat: seed must be an int, got {type(seed).__name__}")
-        return seed
-    if torch.compiler.is_compiling():
-        if generator is not None:
+        return torch.tensor(seed, dtype=torch.int64)
+    if generator is not None:
+        if torch.compiler.is_compiling():
             raise RuntimeError(
                 "wildcat: a torch.Generator cannot be used inside torch.compile; pass seed=<int> "
                 "for reproducible compiled calls, or neither for fresh seeds"
             )
-        return random.randint(0, _SEED_HIGH)
-    return int(torch.randint(0, _SEED_HIGH, (), generator=generator))
+        return torch.randint(0, _SEED_HIGH, (), generator=generator, device=generator.device)
+    return torch.randint(0, _SEED_HIGH, (), device=device)
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -88,8 +94,8 @@ def compress_kv(
     _check_int("r", r, 1)
     _check_int("num_bins", num_bins, 1)
     _check_scale(scale)
-    return ops.compress_kv(keys, values, r, num_bins, scale, query_norm, draw_seed(seed, generator),
-                           tau, center_values, tol)
+    return ops.compress_kv(keys, values, r, num_bins, scale, query_norm,
+                           draw_seed(seed, generator, keys.device), tau, center_values, tol)
 
 
 def coreset_attention(
@@ -155,6 +161,27 @@ def scaled_dot_product_attention(
             "wildcat.scaled_dot_product_attention: query, key and value must have one rank >= 2, got "
             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
         )
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(
+            "wildcat.scaled_dot_product_attention: query, key and value must have one dtype, got "
+            f"{query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    if not query.is_floating_point():
+        raise TypeError(f"wildcat.scaled_dot_product_attention: inputs must be floating point, got {query.dtype}")
+    if not (query.device == key.device == value.device):
+        raise RuntimeError(
+            "wildcat.scaled_dot_product_attention: query, key and value must be on one device, got "
+            f"{query.device}, {key.device}, {value.device}"
+        )
+    if key.shape[:-1] != value.shape[:-1]:
+        raise ValueError(
+            f"wildcat.scaled_dot_product_attention: key {tuple(key.shape)} and value {tuple(value.shape)} "
+            "must match in every dim but the last (same heads and N)"
+        )
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(
+            f"wildcat.scaled_dot_product_attention: query has E = {query.shape[-1]} but key has E = {key.shape[-1]}"
+        )
     if query.dim() >= 3:
         if query.shape[:-3] != key.shape[:-3]:
             raise ValueError(
@@ -176,7 +203,7 @@ def scaled_dot_product_attention(
     else:
         kv_heads = None
     q_norm = query_norm_per_kv_head(query, kv_heads)
-    core = ops.compress_kv(key, value, r, num_bins, scale, q_norm, draw_seed(seed, generator), tau,
-                           center_values, tol)
+    core = ops.compress_kv(key, value, r, num_bins, scale, q_norm, draw_seed(seed, generator, key.device),
+                           tau, center_values, tol)
     return ops.coreset_attention(query, core.core_keys, core.core_values, core.core_weights, scale,
                                  core.value_min, core.value_max, center_values)

@@ -1,12 +1,13 @@
 """Thin typed wrappers over torch.ops.wildcat.* (schemas and shapes in csrc/library.cpp).
 
-These take every argument explicitly, including the seed; wildcat.functional adds defaults,
-seeding from a generator and the SDPA-compatible interface.
+These take every argument explicitly, including the seed (an int, or a one-element int64 tensor
+on the CPU or the inputs' device); wildcat.functional adds defaults, seeding from a generator
+and the SDPA-compatible interface.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -14,10 +15,18 @@ from torch import Tensor
 from . import _fake  # noqa: F401  (fake kernels for torch.compile)
 from ._types import DEFAULT_TAU, DEFAULT_TOL, CompressedKV
 
+Seed = Union[int, Tensor, None]
 
-def rp_nystrom(points: Tensor, rank: int, seed: int = 0, tol: float = DEFAULT_TOL) -> tuple[Tensor, Tensor, Tensor]:
+
+def _seed_tensor(seed: Seed) -> Optional[Tensor]:
+    if seed is None or isinstance(seed, Tensor):
+        return seed
+    return torch.tensor(seed, dtype=torch.int64)
+
+
+def rp_nystrom(points: Tensor, rank: int, seed: Seed = 0, tol: float = DEFAULT_TOL) -> tuple[Tensor, Tensor, Tensor]:
     """Randomly pivoted Cholesky: (pivots, kinv, rows) of the Gaussian kernel of `points`."""
-    return torch.ops.wildcat.rp_nystrom(points, rank, seed, tol)
+    return torch.ops.wildcat.rp_nystrom(points, rank, _seed_tensor(seed), tol)
 
 
 def compress_kv(
@@ -27,14 +36,15 @@ def compress_kv(
     num_bins: int = 1,
     scale: Optional[float] = None,
     query_norm: Optional[Tensor] = None,
-    seed: int = 0,
+    seed: Seed = 0,
     tau: str = DEFAULT_TAU,
     center_values: bool = False,
     tol: float = DEFAULT_TOL,
 ) -> CompressedKV:
     """Weighted coreset of keys (..., N, E) and values (..., N, D), per leading index."""
     return CompressedKV(
-        *torch.ops.wildcat.compress_kv(keys, values, rank, num_bins, scale, query_norm, seed, tau, center_values, tol)
+        *torch.ops.wildcat.compress_kv(keys, values, rank, num_bins, scale, query_norm, _seed_tensor(seed), tau,
+                                       center_values, tol)
     )
 
 

@@ -88,7 +88,7 @@ def log_exponential_noise(
 ) -> Tensor:
     """log E for E ~ Exp(1), the noise of pivot step `step` at `position` (global index in the
     group's sequence) of `group`; group and position broadcast. See csrc/kernels/philox.h."""
-    seed &= (1 << 64) - 1
+    seed = int(seed) & ((1 << 64) - 1)
     group = torch.as_tensor(group, dtype=torch.int64)
     position = torch.as_tensor(position, dtype=torch.int64)
     words = philox4x32_10(

@@ -9,24 +9,26 @@ namespace wildcat {
 namespace ops {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rp_nystrom(const at::Tensor& points, int64_t rank,
-                                                          int64_t seed, double tol) {
+                                                          const std::optional<at::Tensor>& seed,
+                                                          double tol) {
   static const auto op = c10::Dispatcher::singleton()
                               .findSchemaOrThrow("wildcat::rp_nystrom", "")
                               .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                                  const at::Tensor&, int64_t, int64_t, double)>();
+                                  const at::Tensor&, int64_t, const std::optional<at::Tensor>&, double)>();
   return op.call(points, rank, seed, tol);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_kv(
     const at::Tensor& keys, const at::Tensor& values, int64_t rank, int64_t num_bins,
-    std::optional<double> scale, const std::optional<at::Tensor>& query_norm, int64_t seed,
-    const std::string& tau, bool center_values, double tol) {
+    std::optional<double> scale, const std::optional<at::Tensor>& query_norm,
+    const std::optional<at::Tensor>& seed, const std::string& tau, bool center_values, double tol) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("wildcat::compress_kv", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, int64_t, int64_t, std::optional<double>,
-              const std::optional<at::Tensor>&, int64_t, std::string_view, bool, double)>();
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, std::string_view,
+              bool, double)>();
   return op.call(keys, values, rank, num_bins, scale, query_norm, seed, tau, center_values, tol);
 }
 
@@ -46,11 +48,13 @@ at::Tensor coreset_attention(const at::Tensor& query, const at::Tensor& core_key
 
 }  // namespace ops
 
+at::Tensor seed_tensor(int64_t seed) { return at::scalar_tensor(seed, at::TensorOptions().dtype(at::kLong)); }
+
 CompressedKV compress_kv(const at::Tensor& keys, const at::Tensor& values, const Options& options,
                          const std::optional<at::Tensor>& query_norm) {
   auto [core_keys, core_values, core_weights, core_indices, value_min, value_max] =
       ops::compress_kv(keys, values, options.rank_, options.num_bins_, options.scale_, query_norm,
-                       options.seed_, options.tau_, options.center_values_, options.tol_);
+                       seed_tensor(options.seed_), options.tau_, options.center_values_, options.tol_);
   return {core_keys, core_values, core_weights, core_indices, value_min, value_max};
 }
 

@@ -55,7 +55,24 @@ kernels::TauMode parse_tau(std::string_view tau) {
   return kernels::TauMode::kLambert;
 }
 
-void check_rp_nystrom_args(const at::Tensor& points, int64_t rank, double tol) {
+void check_seed(const char* op, const std::optional<at::Tensor>& seed, const at::Tensor& like) {
+  if (!seed.has_value()) return;
+  const at::Tensor& s = *seed;
+  TORCH_CHECK_TYPE(s.scalar_type() == at::kLong, "wildcat.", op, ": seed must be an int64 tensor, got ",
+                   s.scalar_type());
+  TORCH_CHECK_VALUE(s.numel() == 1, "wildcat.", op, ": seed must hold one element, got shape ", s.sizes());
+  TORCH_CHECK(s.device().is_cpu() || s.device() == like.device(), "wildcat.", op, ": seed is on ",
+              s.device(), "; it must be on the CPU or on ", like.device());
+}
+
+uint64_t host_seed(const std::optional<at::Tensor>& seed) {
+  if (!seed.has_value()) return 0;
+  TORCH_INTERNAL_ASSERT(seed->device().is_cpu());
+  return static_cast<uint64_t>(seed->item<int64_t>());
+}
+
+void check_rp_nystrom_args(const at::Tensor& points, int64_t rank,
+                           const std::optional<at::Tensor>& seed, double tol) {
   const char* op = "rp_nystrom";
   TORCH_CHECK_VALUE(points.dim() >= 2, "wildcat.rp_nystrom: points must have shape (..., N, E), got ",
                     points.sizes());
@@ -63,13 +80,14 @@ void check_rp_nystrom_args(const at::Tensor& points, int64_t rank, double tol) {
   TORCH_CHECK_VALUE(points.size(-1) >= 1, "wildcat.rp_nystrom: points need E >= 1 features, got ",
                     points.sizes());
   TORCH_CHECK_VALUE(rank >= 1, "wildcat.rp_nystrom: rank must be >= 1, got ", rank);
+  check_seed(op, seed, points);
   check_tol(op, tol);
 }
 
 void check_compress_kv_args(const at::Tensor& keys, const at::Tensor& values, int64_t rank,
                             int64_t num_bins, const std::optional<double>& scale,
-                            const std::optional<at::Tensor>& query_norm, std::string_view tau,
-                            double tol) {
+                            const std::optional<at::Tensor>& query_norm,
+                            const std::optional<at::Tensor>& seed, std::string_view tau, double tol) {
   const char* op = "compress_kv";
   TORCH_CHECK_VALUE(keys.dim() >= 2, "wildcat.compress_kv: keys must have shape (..., N, E), got ",
                     keys.sizes());
@@ -101,6 +119,7 @@ void check_compress_kv_args(const at::Tensor& keys, const at::Tensor& values, in
                       num_bins, " (every bin needs a coreset slot), got ", rank);
   }
   check_scale(op, scale);
+  check_seed(op, seed, keys);
   parse_tau(tau);
   check_tol(op, tol);
   if (query_norm.has_value()) {

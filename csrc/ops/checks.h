@@ -21,12 +21,19 @@ double resolve_scale(const std::optional<double>& scale, int64_t head_dim);
 
 kernels::TauMode parse_tau(std::string_view tau);
 
-void check_rp_nystrom_args(const at::Tensor& points, int64_t rank, double tol);
+// The seed tensor: one int64 element on the CPU or on the device of `like`.
+void check_seed(const char* op, const std::optional<at::Tensor>& seed, const at::Tensor& like);
+
+// The seed's value for host code (0 when absent); only for seeds on the CPU.
+uint64_t host_seed(const std::optional<at::Tensor>& seed);
+
+void check_rp_nystrom_args(const at::Tensor& points, int64_t rank,
+                           const std::optional<at::Tensor>& seed, double tol);
 
 void check_compress_kv_args(const at::Tensor& keys, const at::Tensor& values, int64_t rank,
                             int64_t num_bins, const std::optional<double>& scale,
-                            const std::optional<at::Tensor>& query_norm, std::string_view tau,
-                            double tol);
+                            const std::optional<at::Tensor>& query_norm,
+                            const std::optional<at::Tensor>& seed, std::string_view tau, double tol);
 
 void check_coreset_attention_args(const at::Tensor& query, const at::Tensor& core_keys,
                                   const at::Tensor& core_values, const at::Tensor& core_weights,

@@ -40,15 +40,18 @@ struct CompressedKV {
   at::Tensor core_keys, core_values, core_weights, core_indices, value_min, value_max;
 };
 
-// The registered ops, one to one (schemas and shapes in csrc/library.cpp).
+// The registered ops, one to one (schemas and shapes in csrc/library.cpp). A seed is a one-element
+// int64 tensor (see seed_tensor), on the CPU or on the inputs' device; none means seed 0.
 namespace ops {
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rp_nystrom(const at::Tensor& points, int64_t rank,
-                                                          int64_t seed = 0, double tol = 1e-5);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rp_nystrom(
+    const at::Tensor& points, int64_t rank, const std::optional<at::Tensor>& seed = std::nullopt,
+    double tol = 1e-5);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_kv(
     const at::Tensor& keys, const at::Tensor& values, int64_t rank, int64_t num_bins = 1,
     std::optional<double> scale = std::nullopt,
-    const std::optional<at::Tensor>& query_norm = std::nullopt, int64_t seed = 0,
-    const std::string& tau = "lambert", bool center_values = false, double tol = 1e-5);
+    const std::optional<at::Tensor>& query_norm = std::nullopt,
+    const std::optional<at::Tensor>& seed = std::nullopt, const std::string& tau = "lambert",
+    bool center_values = false, double tol = 1e-5);
 at::Tensor coreset_attention(const at::Tensor& query, const at::Tensor& core_keys,
                              const at::Tensor& core_values, const at::Tensor& core_weights,
                              std::optional<double> scale = std::nullopt,
@@ -56,6 +59,9 @@ at::Tensor coreset_attention(const at::Tensor& query, const at::Tensor& core_key
                              const std::optional<at::Tensor>& value_max = std::nullopt,
                              bool center_values = false);
 }  // namespace ops
+
+// A seed for the ops: a one-element int64 CPU tensor.
+at::Tensor seed_tensor(int64_t seed);
 
 // Compress keys (..., N, E) and values (..., N, D). query_norm (...): the largest query norm per
 // group (attention mode); omit it for query-agnostic compression (KV caches).

@@ -79,59 +79,72 @@ void compress_bin(const CompressParams& p, int64_t group, int64_t bin, const T* 
 
   // §2.2, 2.5, 2.6: centred keys (transposed for the pivot loop), the bin's key norm,
   // temperature and scaled points
+  // The temperature is a per-bin scalar: computed in double, as every error in m scales all of
+  // x and so every exp((s_l - s_p) / 2).
   std::vector<T> xt(e * length);
-  T key_norm2 = 0;
+  double key_norm2 = 0;
   for (int64_t l = 0; l < length; ++l) {
-    T norm2 = 0;
+    double norm2 = 0;
     for (int64_t c = 0; c < e; ++c) {
       const T centred = keys[l * e + c] - key_mean[c];
       xt[c * length + l] = centred;
-      norm2 += centred * centred;
+      norm2 += static_cast<double>(centred) * static_cast<double>(centred);
     }
     key_norm2 = std::max(key_norm2, norm2);
   }
-  const T key_norm = std::sqrt(key_norm2);
-  const T rq = p.has_query_norm ? query_norm : key_norm;
-  const T m = kernels::key_scale<T>(static_cast<T>(p.beta), rq, key_norm, length, p.tau);
+  const double key_norm = std::sqrt(key_norm2);
+  const double rq = p.has_query_norm ? static_cast<double>(query_norm) : key_norm;
+  const T m = static_cast<T>(kernels::key_scale<double>(p.beta, rq, key_norm, length, p.tau));
   for (T& v : xt) v *= m;
 
   PivotedCholesky<T> chol;
   chol.run(xt.data(), length, e, slots, NoiseStream{p.seed, static_cast<uint64_t>(group), start},
            static_cast<T>(p.tol));
   const int64_t k = chol.count();
-  const std::vector<T>& s = chol.sq_norms();
+  const std::vector<double>& s = chol.sq_norms();
 
-  // §2.8: V̂ = diag(e^{-s_p/2}) T^-T Σ_l F(l) e^{s_l/2} v_l, computed with the exponents shifted by
-  // the bin's largest s so that no factor overflows; the shift cancels between the two factors.
-  const T s_ref = *std::max_element(s.begin(), s.end());
+  // §2.8: V̂ = diag(e^{-s_p/2}) L Σ_l R(:, l) e^{s_l/2} v_l and w likewise with v_l = 1. The
+  // exponents are shifted by the bin's largest s so that no factor overflows; the shift cancels
+  // between the two factors. The sum over points is accumulated in double: L's condition number
+  // amplifies its rounding, and float32 sums here measured 3-5x the error of the oracle's
+  // float32 matrix products (benchmarks/NOTES.md).
+  const double s_ref = *std::max_element(s.begin(), s.end());
   const int64_t cols = dv + 1;  // compressed values | weights
-  std::vector<T> rhs(k * cols, T(0));
-  std::vector<T> row_scale(length);
-  for (int64_t l = 0; l < length; ++l) row_scale[l] = std::exp((s[l] - s_ref) / 2);
+  std::vector<double> rhs(k * cols, 0.0);
+  std::vector<double> value(dv);
   for (int64_t l = 0; l < length; ++l) {
-    const T* vl = values + l * dv;
+    const double point_scale = std::exp((s[l] - s_ref) / 2);
+    for (int64_t col = 0; col < dv; ++col) value[col] = static_cast<double>(values[l * dv + col]);
     for (int64_t j = 0; j < k; ++j) {
-      const T c = chol.factor_column(j)[l] * row_scale[l];
-      T* row = rhs.data() + j * cols;
+      const double c = static_cast<double>(chol.row(j)[l]) * point_scale;
+      double* out = rhs.data() + j * cols;
 #pragma omp simd
-      for (int64_t col = 0; col < dv; ++col) row[col] += c * vl[col];
-      row[dv] += c;
+      for (int64_t col = 0; col < dv; ++col) out[col] += c * value[col];
+      out[dv] += c;
     }
   }
   if (value_offset) {  // Σ_l c_l (v_l - v_c) = Σ_l c_l v_l - v_c Σ_l c_l
     for (int64_t j = 0; j < k; ++j) {
-      T* row = rhs.data() + j * cols;
-      for (int64_t col = 0; col < dv; ++col) row[col] -= value_offset[col] * row[dv];
+      double* row = rhs.data() + j * cols;
+      for (int64_t col = 0; col < dv; ++col) row[col] -= static_cast<double>(value_offset[col]) * row[dv];
     }
   }
-  solve_transposed_factor(chol, rhs.data(), cols);
+  std::vector<double> compressed(k * cols, 0.0);  // L rhs
+  for (int64_t a = 0; a < k; ++a) {
+    double* out = compressed.data() + a * cols;
+    for (int64_t j = 0; j < k; ++j) {
+      const double kinv = chol.kinv(a, j);
+      const double* in = rhs.data() + j * cols;
+      for (int64_t col = 0; col < cols; ++col) out[col] += kinv * in[col];
+    }
+  }
 
   for (int64_t i = 0; i < slots; ++i) {
     core_indices[i] = start + chol.pivot(i);
     if (i < k) {
-      const T pivot_scale = std::exp((s_ref - s[chol.pivot(i)]) / 2);
-      for (int64_t c = 0; c < dv; ++c) core_values[i * dv + c] = rhs[i * cols + c] * pivot_scale;
-      core_weights[i] = rhs[i * cols + dv] * pivot_scale;
+      const double pivot_scale = std::exp((s_ref - s[chol.pivot(i)]) / 2);
+      for (int64_t c = 0; c < dv; ++c) core_values[i * dv + c] = static_cast<T>(compressed[i * cols + c] * pivot_scale);
+      core_weights[i] = static_cast<T>(compressed[i * cols + dv] * pivot_scale);
     } else {  // after an early stop: zero weight, zero value
       for (int64_t c = 0; c < dv; ++c) core_values[i * dv + c] = T(0);
       core_weights[i] = T(0);
@@ -176,9 +189,9 @@ void compress_all(const CompressParams& p, int64_t groups, const at::Tensor& key
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_kv_cpu(
     const at::Tensor& keys, const at::Tensor& values, int64_t rank, int64_t num_bins,
-    std::optional<double> scale, const std::optional<at::Tensor>& query_norm, int64_t seed,
-    std::string_view tau, bool center_values, double tol) {
-  detail::check_compress_kv_args(keys, values, rank, num_bins, scale, query_norm, tau, tol);
+    std::optional<double> scale, const std::optional<at::Tensor>& query_norm,
+    const std::optional<at::Tensor>& seed, std::string_view tau, bool center_values, double tol) {
+  detail::check_compress_kv_args(keys, values, rank, num_bins, scale, query_norm, seed, tau, tol);
   at::AutoDispatchBelowADInplaceOrView guard;  // internal ATen calls are not differentiated
   const int64_t d = keys.dim();
   const auto lead = keys.sizes().slice(0, d - 2);
@@ -201,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (query_norm) qn = query_norm->reshape({groups}).to(acc).contiguous();
     const CompressParams params{n, e, dv, rank, num_bins, kept, detail::resolve_scale(scale, e),
                                 qn.has_value(), detail::parse_tau(tau), center_values, tol,
-                                static_cast<uint64_t>(seed)};
+                                detail::host_seed(seed)};
     if (acc == at::kDouble) {
       compress_all<double>(params, groups, k, v, qn, core_values, core_weights, core_indices, value_min, value_max);
     } else {
@@ -231,40 +244,16 @@ void rp_nystrom_group(const T* x, int64_t n, int64_t dim, int64_t kept, uint64_t
   chol.run(xt.data(), n, dim, kept, NoiseStream{seed, group, 0}, tol);
   const int64_t k = chol.count();
   for (int64_t i = 0; i < kept; ++i) pivots[i] = chol.pivot(i);
-  // kinv = (T Tᵀ)^-1 = T^-T T^-1, from the inverse of the lower-triangular factor
-  std::vector<T> inv(k * k, T(0));
-  for (int64_t c = 0; c < k; ++c) {
-    inv[c * k + c] = T(1) / chol.pivot_factor(c, c);
-    for (int64_t i = c + 1; i < k; ++i) {
-      T acc = 0;
-      for (int64_t j = c; j < i; ++j) acc += chol.pivot_factor(i, j) * inv[j * k + c];
-      inv[i * k + c] = -acc / chol.pivot_factor(i, i);
-    }
-  }
   for (int64_t a = 0; a < k; ++a) {
-    for (int64_t b = 0; b < k; ++b) {
-      T acc = 0;
-      for (int64_t i = std::max(a, b); i < k; ++i) acc += inv[i * k + a] * inv[i * k + b];
-      kinv[a * kept + b] = acc;
-    }
-  }
-  // rows = G(x_S, x), the exact kernel rows
-  const std::vector<T>& s = chol.sq_norms();
-  for (int64_t i = 0; i < k; ++i) {
-    const int64_t p = chol.pivot(i);
-    T* row = rows + i * n;
-    for (int64_t c = 0; c < dim; ++c) {
-      const T xpc = xt[c * n + p];
-      const T* xc = xt.data() + c * n;
-      for (int64_t l = 0; l < n; ++l) row[l] += xpc * xc[l];
-    }
-    for (int64_t l = 0; l < n; ++l) row[l] = std::min(T(1), std::exp(row[l] - s[p] / 2 - s[l] / 2));
+    for (int64_t b = 0; b < k; ++b) kinv[a * kept + b] = static_cast<T>(chol.kinv(a, b));
+    std::copy(chol.row(a), chol.row(a) + n, rows + a * n);
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rp_nystrom_cpu(const at::Tensor& points, int64_t rank,
-                                                              int64_t seed, double tol) {
-  detail::check_rp_nystrom_args(points, rank, tol);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rp_nystrom_cpu(
+    const at::Tensor& points, int64_t rank, const std::optional<at::Tensor>& seed, double tol) {
+  detail::check_rp_nystrom_args(points, rank, seed, tol);
+  const uint64_t seed_value = detail::host_seed(seed);
   at::AutoDispatchBelowADInplaceOrView guard;  // internal ATen calls are not differentiated
   const int64_t d = points.dim();
   const auto lead = points.sizes().slice(0, d - 2);
@@ -281,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rp_nystrom_cpu(const at::Tensor& 
       const scalar_t* xs = x.const_data_ptr<scalar_t>();
       at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
         for (int64_t g = begin; g < end; ++g) {
-          rp_nystrom_group<scalar_t>(xs + g * n * dim, n, dim, kept, static_cast<uint64_t>(seed),
+          rp_nystrom_group<scalar_t>(xs + g * n * dim, n, dim, kept, seed_value,
                                      static_cast<uint64_t>(g), static_cast<scalar_t>(tol),
                                      pivots.mutable_data_ptr<int64_t>() + g * kept,
                                      kinv.mutable_data_ptr<scalar_t>() + g * kept * kept,

@@ -3,7 +3,8 @@
 // Each task owns a block of queries of one query head and reads the coreset of its kv head
 // (h / (Hq / Hkv): grouped-query attention by index arithmetic, no copies of the coreset).
 // Per tile of queries: logits by axpys over the slots (keys transposed), their maximum, then the
-// weighted sums; the logits live in a small buffer.
+// weighted sums; the logits live in a small buffer. Output is written in the accumulation dtype
+// of the op (float32, float64 for float64) and cast to the query's dtype at the end.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -15,7 +16,6 @@
 
 #include "../../kernels/common.h"
 #include "../checks.h"
-#include "../../kernels/fastmath.h"
 
 namespace wildcat {
 namespace cpu {
@@ -34,16 +34,20 @@ struct AttentionArgs {
   const T* value_min;  // (batch, Hkv, D) or null
   const T* value_max;
   bool center_values;
-  T beta;
+  double beta;
   int64_t batch, q_heads, kv_heads, m, r, e, dv;
 };
 
 // Queries processed together, so that every key and value loaded feeds kTile multiply-adds.
 constexpr int64_t kTile = 4;
 
+// Logits and sums accumulate in double whatever the input: products of float32 values are exact
+// there, and float32 accumulation measured as large an error as the plain-PyTorch oracle's, with
+// its tail at more than twice (benchmarks/NOTES.md); double costs about 1.6x here, on the
+// cheaper of the two phases.
 template <typename T>
 void attend_block(const AttentionArgs<T>& a, int64_t bh, int64_t m_begin, int64_t m_end, T* out,
-                  std::vector<T>& logits, std::vector<T>& numerator) {
+                  std::vector<double>& logits, std::vector<double>& numerator) {
   const int64_t b = bh / a.q_heads, h = bh % a.q_heads;
   const int64_t kvh = b * a.kv_heads + h / (a.q_heads / a.kv_heads);
   const int64_t r = a.r, dv = a.dv, e = a.e;
@@ -54,54 +58,53 @@ void attend_block(const AttentionArgs<T>& a, int64_t bh, int64_t m_begin, int64_
   const T* vmax = a.value_max ? a.value_max + kvh * dv : nullptr;
   logits.resize(kTile * r);
   numerator.resize(kTile * dv);
-  T* z = logits.data();
-  T* num = numerator.data();
+  double* z = logits.data();
+  double* num = numerator.data();
   for (int64_t i0 = m_begin; i0 < m_end; i0 += kTile) {
     const int64_t tile = std::min(kTile, m_end - i0);
     const T* q = a.query + (bh * a.m + i0) * e;
-    std::fill(z, z + kTile * r, T(0));
-    for (int64_t c = 0; c < e; ++c) {  // z[t] = β K q_t
-      T qc[kTile];
-      for (int64_t t = 0; t < kTile; ++t) qc[t] = t < tile ? a.beta * q[t * e + c] : T(0);
+    std::fill(z, z + kTile * r, 0.0);
+    for (int64_t c = 0; c < e; ++c) {  // z[t] = K q_t
+      double qc[kTile];
+      for (int64_t t = 0; t < kTile; ++t) qc[t] = t < tile ? static_cast<double>(q[t * e + c]) : 0.0;
       const T* kc = keys_t + c * r;
 #pragma omp simd
       for (int64_t s = 0; s < r; ++s) {
-        for (int64_t t = 0; t < kTile; ++t) z[t * r + s] += qc[t] * kc[s];
+        for (int64_t t = 0; t < kTile; ++t) z[t * r + s] += qc[t] * static_cast<double>(kc[s]);
       }
     }
-    T denominator[kTile];
-    for (int64_t t = 0; t < kTile; ++t) {  // P = exp(z - max z), denominator Σ P w
-      T* zt = z + t * r;
-      T z_max = -std::numeric_limits<T>::infinity();
+    double denominator[kTile];
+    for (int64_t t = 0; t < kTile; ++t) {  // P = exp(β z - max β z), denominator Σ P w
+      double* zt = z + t * r;
+      double z_max = -std::numeric_limits<double>::infinity();
 #pragma omp simd reduction(max : z_max)
       for (int64_t s = 0; s < r; ++s) z_max = std::max(z_max, zt[s]);
-      T den = 0;
-#pragma omp simd reduction(+ : den)
+      double den = 0;
       for (int64_t s = 0; s < r; ++s) {
-        zt[s] = kernels::vexp(zt[s] - z_max);
-        den += zt[s] * weights[s];
+        zt[s] = std::exp(a.beta * (zt[s] - z_max));
+        den += zt[s] * static_cast<double>(weights[s]);
       }
       denominator[t] = den;
     }
-    std::fill(num, num + kTile * dv, T(0));
+    std::fill(num, num + kTile * dv, 0.0);
     for (int64_t s = 0; s < r; ++s) {  // numerator Σ P V̂
-      T p[kTile];
+      double p[kTile];
       for (int64_t t = 0; t < kTile; ++t) p[t] = z[t * r + s];
       const T* v = values + s * dv;
 #pragma omp simd
       for (int64_t c = 0; c < dv; ++c) {
-        for (int64_t t = 0; t < kTile; ++t) num[t * dv + c] += p[t] * v[c];
+        for (int64_t t = 0; t < kTile; ++t) num[t * dv + c] += p[t] * static_cast<double>(v[c]);
       }
     }
     for (int64_t t = 0; t < tile; ++t) {
       T* o = out + (bh * a.m + i0 + t) * dv;
-      const bool positive = denominator[t] > T(kDenominatorFloor);
+      const bool positive = denominator[t] > kDenominatorFloor;
       for (int64_t c = 0; c < dv; ++c) {
-        T y = positive ? num[t * dv + c] / denominator[t] : T(0);
-        if (a.center_values) y += (vmin[c] + vmax[c]) / 2;
-        if (vmin) y = std::max(y, vmin[c]);
-        if (vmax) y = std::min(y, vmax[c]);
-        o[c] = y;
+        double y = positive ? num[t * dv + c] / denominator[t] : 0.0;
+        if (a.center_values) y += (static_cast<double>(vmin[c]) + vmax[c]) / 2;
+        if (vmin) y = std::max(y, static_cast<double>(vmin[c]));
+        if (vmax) y = std::min(y, static_cast<double>(vmax[c]));
+        o[c] = static_cast<T>(y);
       }
     }
   }
@@ -139,12 +142,12 @@ at::Tensor coreset_attention_cpu(const at::Tensor& query, const at::Tensor& core
                                        v.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                                        lo ? lo->const_data_ptr<scalar_t>() : nullptr,
                                        hi ? hi->const_data_ptr<scalar_t>() : nullptr, center_values,
-                                       static_cast<scalar_t>(detail::resolve_scale(scale, e)),
+                                       detail::resolve_scale(scale, e),
                                        batch, q_heads, kv_heads, m, r, e, dv};
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const int64_t blocks_per_head = (m + kQueryBlock - 1) / kQueryBlock;
     at::parallel_for(0, batch * q_heads * blocks_per_head, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> logits, numerator;
+      std::vector<double> logits, numerator;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t bh = task / blocks_per_head;
         const int64_t m_begin = (task % blocks_per_head) * kQueryBlock;

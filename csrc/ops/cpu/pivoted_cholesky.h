@@ -1,14 +1,15 @@
 // Randomly pivoted Cholesky for one bin on the CPU (ALGORITHM.md §2.7), torch-free.
 //
-// The factor is kept in its classic column form F (F_j(l) for pivot step j) rather than the
-// bordered inverse of the reference: F_i(l) = (G(p_i, l) - Σ_{j<i} F_j(l) F_j(p_i)) / sqrt(d_p)
-// needs one pass over the points per step, and the Nyström weights follow from F alone
-// (W_G = T^-T Fᵀ with T the factor's rows at the pivots), so no r × N matrix of kernel rows or
-// weights is ever formed.
+// The bordered form of the algorithm: the kernel rows R_i(l) = G(x_{p_i}, x_l) are stored, and the
+// inverse L = G_SS^-1 grows by one row and column per step. The residual update
+// y_l = Σ_{j<=i} g_j R_j(l) then works from exact kernel values, and the Nyström weights are
+// W_G = L R, so rounding does not accumulate through a chain of factor columns (measured: half the
+// float32 error of the column form, benchmarks/NOTES.md). L is small (steps × steps) and kept in
+// double; the per-point arrays stay in T so the loops over points vectorize.
 //
-// Layouts are point-minor (points transposed to dim × n, F as steps × n) so every inner loop is an
-// axpy over points that the compiler vectorizes, with no horizontal reductions; a step walks the
-// points in chunks that keep its temporaries in L1.
+// Layouts are point-minor (points transposed to dim × n, R as steps × n) so every inner loop is an
+// axpy over points with no horizontal reductions; a step walks the points in chunks that keep its
+// temporaries in L1.
 #pragma once
 
 #include <algorithm>
@@ -37,67 +38,92 @@ class PivotedCholesky {
   // early when no point has residual above tol.
   void run(const T* xt, int64_t n, int64_t dim, int64_t steps, const NoiseStream& noise, T tol) {
     n_ = n;
+    steps_ = steps;
     count_ = 0;
-    sq_norm_.assign(n, T(0));
+    sq_norm_.resize(n);
     residual_.assign(n, T(1));
     score_.resize(n);
     exp_noise_.resize(n);
-    factor_.assign(steps * n, T(0));
+    rows_.assign(steps * n, T(0));
+    kinv_.assign(steps * steps, 0.0);
     pivots_.assign(steps, 0);
+    std::vector<double> g(steps);
+    std::vector<T> g_t(steps);
     T* s = sq_norm_.data();
     T* d = residual_.data();
     T* score = score_.data();
     const T* e_noise = exp_noise_.data();
 
-    // The squared norms accumulate exactly like the kernel-row products below (same order, same
-    // operations), so a key equal to a pivot gets exponent exactly 0 and residual exactly 0.
+    // s_l = |x_l|^2 in double: the weights take exp((s_l - s_p) / 2), which turns an absolute
+    // error in s into a relative error of the weight.
+    sq_norm64_.assign(n, 0.0);
     for (int64_t c = 0; c < dim; ++c) {
       const T* xc = xt + c * n;
 #pragma omp simd
-      for (int64_t l = 0; l < n; ++l) s[l] += xc[l] * xc[l];
+      for (int64_t l = 0; l < n; ++l) sq_norm64_[l] += static_cast<double>(xc[l]) * static_cast<double>(xc[l]);
     }
+    for (int64_t l = 0; l < n; ++l) s[l] = static_cast<T>(sq_norm64_[l]);
     fill_noise(noise, 0);
 #pragma omp simd
     for (int64_t l = 0; l < n; ++l) score[l] = s[l] - kernels::vlog(e_noise[l]);  // log d = 0
 
-    T row[kChunk], corr[kChunk];
+    T dist[kChunk], y[kChunk];
     for (int64_t i = 0; i < steps; ++i) {
       const int64_t p = argmax(score, n);
       if (p < 0) break;  // every residual <= tol: the bin is represented (early stop)
       pivots_[i] = p;
       count_ = i + 1;
-      const T half_sp = s[p] / 2;
-      const T inv_sqrt_dp = T(1) / std::sqrt(d[p]);
+      // bordering: g = (L a, -1) / sqrt(d_p) with a_j = R_j(p); L += g gᵀ
+      const double inv_sqrt_dp = 1.0 / std::sqrt(static_cast<double>(d[p]));
+      for (int64_t a = 0; a < i; ++a) {
+        double acc = 0;
+        for (int64_t j = 0; j < i; ++j) acc += kinv_[a * steps + j] * static_cast<double>(rows_[j * n + p]);
+        g[a] = acc * inv_sqrt_dp;
+      }
+      g[i] = -inv_sqrt_dp;
+      for (int64_t a = 0; a <= i; ++a) {
+        for (int64_t b = 0; b <= i; ++b) kinv_[a * steps + b] += g[a] * g[b];
+        g_t[a] = static_cast<T>(g[a]);
+      }
+
       const bool last = i + 1 == steps;
       if (!last) fill_noise(noise, static_cast<uint32_t>(i + 1));
-      T* fi = factor_.data() + i * n;
+      T* ri = rows_.data() + i * n;
       for (int64_t l0 = 0; l0 < n; l0 += kChunk) {
         const int64_t len = std::min(kChunk, n - l0);
-        std::fill(row, row + len, T(0));
-        std::fill(corr, corr + len, T(0));
-        for (int64_t c = 0; c < dim; ++c) {  // row = X x_p
+        // R_i(l) = G(x_p, x_l) = exp(-|x_p - x_l|^2 / 2). Summing squared differences, not
+        // x_p·x_l - s_p/2 - s_l/2, avoids cancellation for nearby points (measured: half the
+        // float32 error) and gives exactly 1 for a key equal to the pivot.
+        std::fill(dist, dist + len, T(0));
+        for (int64_t c = 0; c < dim; ++c) {
           const T xpc = xt[c * n + p];
           const T* xc = xt + c * n + l0;
 #pragma omp simd
-          for (int64_t l = 0; l < len; ++l) row[l] += xpc * xc[l];
+          for (int64_t l = 0; l < len; ++l) {
+            const T diff = xc[l] - xpc;
+            dist[l] += diff * diff;
+          }
         }
-        for (int64_t j = 0; j < i; ++j) {  // corr = F_{<i}(l) · F_{<i}(p)
-          const T fjp = factor_[j * n + p];
-          const T* fj = factor_.data() + j * n + l0;
+        T* ric = ri + l0;
+        const T gi = g_t[i];
 #pragma omp simd
-          for (int64_t l = 0; l < len; ++l) corr[l] += fjp * fj[l];
+        for (int64_t l = 0; l < len; ++l) {
+          ric[l] = kernels::vexp(dist[l] * T(-0.5));
+          y[l] = gi * ric[l];
         }
-        T* sc = s + l0;
+        for (int64_t j = 0; j < i; ++j) {  // y = Σ_j g_j R_j
+          const T gj = g_t[j];
+          const T* rj = rows_.data() + j * n + l0;
+#pragma omp simd
+          for (int64_t l = 0; l < len; ++l) y[l] += gj * rj[l];
+        }
         T* dc = d + l0;
         T* scorec = score + l0;
-        T* fic = fi + l0;
+        const T* sc = s + l0;
         const T* ec = e_noise + l0;
 #pragma omp simd
         for (int64_t l = 0; l < len; ++l) {
-          const T kernel = std::min(T(1), kernels::vexp(row[l] - half_sp - sc[l] / 2));
-          const T f = (kernel - corr[l]) * inv_sqrt_dp;
-          fic[l] = f;
-          const T dl = std::max(T(0), dc[l] - f * f);
+          const T dl = std::max(T(0), dc[l] - y[l] * y[l]);
           dc[l] = dl;
           // log(d) + s - log(E) of the next step, as log(d / E) + s: one logarithm. Computed for
           // every point and then selected, so the loop has no branch and vectorizes.
@@ -115,11 +141,12 @@ class PivotedCholesky {
 
   int64_t count() const { return count_; }
   int64_t pivot(int64_t slot) const { return pivots_[slot]; }
-  // F_j(l) for j < count(), contiguous over l.
-  const T* factor_column(int64_t j) const { return factor_.data() + j * n_; }
-  // T[i][j] = F_j(p_i), lower triangular (j <= i).
-  T pivot_factor(int64_t i, int64_t j) const { return factor_[j * n_ + pivots_[i]]; }
-  const std::vector<T>& sq_norms() const { return sq_norm_; }
+  // R_i(l) = G(x_{p_i}, x_l) for i < count(), contiguous over l; zero rows after.
+  const T* row(int64_t i) const { return rows_.data() + i * n_; }
+  // (G_SS^-1)_{ab}, zero outside count() × count().
+  double kinv(int64_t a, int64_t b) const { return kinv_[a * steps_ + b]; }
+  // s_l = |x_l|^2, accumulated in double.
+  const std::vector<double>& sq_norms() const { return sq_norm64_; }
 
  private:
   static constexpr int64_t kChunk = 256;
@@ -161,30 +188,12 @@ class PivotedCholesky {
     for (int64_t l = 0; l < n_; ++l) e[l] = kernels::exponential_variate<T>(wb[l]);
   }
 
-  int64_t n_ = 0, count_ = 0;
-  std::vector<T> sq_norm_, residual_, score_, exp_noise_, factor_;
+  int64_t n_ = 0, steps_ = 0, count_ = 0;
+  std::vector<T> sq_norm_, residual_, score_, exp_noise_, rows_;
+  std::vector<double> sq_norm64_, kinv_;
   std::vector<uint32_t> words_;
   std::vector<int64_t> pivots_;
 };
-
-// Solves Tᵀ Y = B in place for the lower-triangular T of a factorisation (count × count) and
-// B (count × cols, row-major): backward substitution over the pivots.
-template <typename T>
-void solve_transposed_factor(const PivotedCholesky<T>& chol, T* b, int64_t cols) {
-  const int64_t k = chol.count();
-  for (int64_t i = k - 1; i >= 0; --i) {
-    T* row = b + i * cols;
-    for (int64_t j = i + 1; j < k; ++j) {
-      const T t = chol.pivot_factor(j, i);
-      const T* yj = b + j * cols;
-#pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) row[c] -= t * yj[c];
-    }
-    const T inv = T(1) / chol.pivot_factor(i, i);
-#pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) row[c] *= inv;
-  }
-}
 
 }  // namespace cpu
 }  // namespace wildcat
