@@ -7,7 +7,10 @@ Install with `pip install --no-build-isolation .` so the build uses the torch al
 """
 
 import glob
+import importlib.util
 import os
+import shutil
+import subprocess
 
 from setuptools import find_packages, setup
 
@@ -27,6 +30,66 @@ def _with_cuda() -> bool:
     if _flag("WILDCAT_FORCE_CUDA"):
         return True
     return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _pip_cuda_include_dirs() -> list:
+    """Headers of the CUDA libraries that a pip-installed torch brings (nvidia-* wheels).
+
+    ATen's CUDA headers include cuBLAS and cuSPARSE headers, which a toolkit installed without
+    its libraries (a bare nvcc) lacks; the wheels torch depends on carry them.
+    """
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or spec.submodule_search_locations is None:
+        return []
+    found = []
+    for root in spec.submodule_search_locations:
+        for include in sorted(glob.glob(os.path.join(root, "*", "include"))):
+            if os.path.exists(os.path.join(include, "cusparse.h")) or os.path.exists(os.path.join(include, "cublas_v2.h")):
+                found.append(include)
+    return found
+
+
+def _cuda_library_dirs() -> list:
+    """Library folders that hold the CUDA runtime: CUDA_HOME's, /usr/local/cuda's and those of
+    the toolkit nvcc belongs to. torch guesses CUDA_HOME from nvcc's folder (/usr/local for a
+    /usr/local/bin/nvcc wrapper) and adds only lib64/, while some toolkits use lib/."""
+    roots = [CUDA_HOME, "/usr/local/cuda"]  # the toolkit's standard home, where nvcc is a wrapper
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        roots.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    dirs = [os.path.join(root, sub) for root in roots for sub in ("lib64", "lib")]
+    return sorted({d for d in dirs if glob.glob(os.path.join(d, "libcudart.so*"))})
+
+
+def _has_shared_libstdcxx(compiler: str) -> bool:
+    try:
+        found = subprocess.run([compiler, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
+                               timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return os.path.isabs(found) and os.path.exists(found)
+
+
+def _use_compiler_with_shared_runtime() -> None:
+    """Make sure the extension links the shared libstdc++ that torch uses.
+
+    A toolchain without a shared libstdc++ (seen: CXX=/opt/gcc/bin/g++ on a GPU image) makes the
+    linker take the static archive; the extension then carries a private libstdc++ and the first
+    C++ exception it formats (every argument error) crashes the process. Such a CXX is replaced
+    by the system compiler when that one has the shared runtime.
+    """
+    cxx = os.environ.get("CXX")
+    if not cxx or _has_shared_libstdcxx(cxx):
+        return
+    for candidate_cxx, candidate_cc in (("/usr/bin/g++", "/usr/bin/gcc"), ("/usr/bin/c++", "/usr/bin/cc")):
+        if os.path.exists(candidate_cxx) and _has_shared_libstdcxx(candidate_cxx):
+            print(f"wildcat: CXX={cxx} has no shared libstdc++ (it would be linked statically into the "
+                  f"extension and break C++ exceptions); building with {candidate_cxx} instead")
+            os.environ["CXX"] = candidate_cxx
+            if os.path.exists(candidate_cc):
+                os.environ["CC"] = candidate_cc
+            return
+    raise RuntimeError(f"wildcat: CXX={cxx} has no shared libstdc++; set CXX to a compiler that has one")
 
 
 def _sources(pattern: str) -> list:
@@ -51,10 +114,10 @@ def _extension():
         macros.append(("WILDCAT_WITH_CUDA", None))
         kwargs["extra_compile_args"] = {
             "cxx": cxx,
-            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
+            "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
         }
-        kwargs["libraries"] = ["cublas"]
         kwargs["extra_link_args"] = ["-fopenmp"]
+        kwargs["library_dirs"] = _cuda_library_dirs()
         make = CUDAExtension
     else:
         kwargs["extra_compile_args"] = {"cxx": cxx}
@@ -62,15 +125,19 @@ def _extension():
         make = CppExtension
     print(f"wildcat: building {'with' if with_cuda else 'without'} CUDA kernels"
           + (f" (TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})" if with_cuda else ""))
+    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
+    if with_cuda:
+        include_dirs += _pip_cuda_include_dirs()
     return make(
         name="wildcat._C",
         sources=sources,
-        include_dirs=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")],
+        include_dirs=include_dirs,
         define_macros=macros,
         **kwargs,
     )
 
 
+_use_compiler_with_shared_runtime()
 setup(
     packages=find_packages(include=["wildcat", "wildcat.*"]),
     ext_modules=[_extension()],

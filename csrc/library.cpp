@@ -7,6 +7,7 @@
 // seed is a one-element int64 tensor (None means 0), on the CPU or on the inputs' device: a
 // seed drawn on the GPU is read by the kernel, so every replay of a captured CUDA graph samples
 // afresh, and torch.compile can trace the seed as a tensor.
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(wildcat, m) {
@@ -44,4 +45,13 @@ TORCH_LIBRARY(wildcat, m) {
         "float? scale=None, Tensor? value_min=None, Tensor? value_max=None, "
         "bool center_values=False) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+}
+
+// WildCat is an inference method (its pivots are sampled, not differentiated). The ops run below
+// autograd; when an input requires grad, the outputs carry a node whose backward raises an error
+// naming the op. Registered in C++ so that no Python runs on the dispatch path of any call.
+TORCH_LIBRARY_IMPL(wildcat, Autograd, m) {
+  m.impl("rp_nystrom", torch::autograd::autogradNotImplementedFallback());
+  m.impl("compress_kv", torch::autograd::autogradNotImplementedFallback());
+  m.impl("coreset_attention", torch::autograd::autogradNotImplementedFallback());
 }

@@ -1,4 +1,5 @@
-"""Fake (meta) kernels of the wildcat ops for torch.compile, and their autograd registration.
+"""Fake (meta) kernels of the wildcat ops for torch.compile (autograd is registered in C++,
+csrc/library.cpp: the ops have no backward).
 
 Output shapes depend only on input shapes and int arguments, so these need no data. They repeat
 the structural checks of csrc/ops/checks.cpp that decide output shapes; value checks stay in C++.
@@ -74,17 +75,3 @@ def _coreset_attention_fake(query, core_keys, core_values, core_weights, scale=N
     torch._check(query.shape[-1] == core_keys.shape[-1],
                  lambda: f"wildcat.coreset_attention: query has E = {query.shape[-1]}, core_keys {core_keys.shape[-1]}")
     return query.new_empty(*query.shape[:-1], core_values.shape[-1])
-
-
-def _no_backward(name: str):
-    def backward(ctx, *grads):
-        raise NotImplementedError(
-            f"wildcat.{name} has no backward: WildCat attention is an inference method "
-            "(its pivots are sampled, not differentiable). Use exact attention for training."
-        )
-
-    return backward
-
-
-for _name in ("rp_nystrom", "compress_kv", "coreset_attention"):
-    torch.library.register_autograd(f"wildcat::{_name}", _no_backward(_name))

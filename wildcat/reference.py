@@ -170,10 +170,11 @@ def _pivoted_cholesky(
     d = valid.to(x.dtype)  # residual diagonal of the Gaussian kernel
     kinv = x.new_zeros(B, k, k)
     rows = x.new_zeros(B, k, n)
-    pivots = torch.zeros(B, k, dtype=torch.int64)
-    active = torch.ones(B, dtype=torch.bool)
-    positions = offsets[:, None] + torch.arange(n)
-    batch = torch.arange(B)
+    dev = x.device
+    pivots = torch.zeros(B, k, dtype=torch.int64, device=dev)
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+    positions = offsets[:, None] + torch.arange(n, device=dev)
+    batch = torch.arange(B, device=dev)
     for i in range(k):
         candidates = d > tol
         active = active & (i < steps) & candidates.any(-1)
@@ -194,8 +195,8 @@ def _pivoted_cholesky(
         row = torch.exp((x @ xp[:, :, None])[..., 0] - sp[:, None] / 2 - s / 2)
         row = torch.clamp(row, max=1.0) * valid
         # bordering update of kinv = G_SS^-1: g = (kinv a, -1) / sqrt(d_p), kinv += g g^T
-        a = rows[batch[:, None], torch.arange(i)[None, :], p[:, None]]  # (B, i): R_j(p)
-        g = torch.cat([(kinv[:, :i, :i] @ a[:, :, None])[..., 0], -torch.ones(B, 1, dtype=x.dtype)], 1)
+        a = rows[batch[:, None], torch.arange(i, device=dev)[None, :], p[:, None]]  # (B, i): R_j(p)
+        g = torch.cat([(kinv[:, :i, :i] @ a[:, :, None])[..., 0], -x.new_ones(B, 1)], 1)
         g = g / torch.sqrt(dp)[:, None] * active[:, None]
         kinv[:, : i + 1, : i + 1] += g[:, :, None] * g[:, None, :]
         rows[:, i] = row * active[:, None]
@@ -222,16 +223,16 @@ def rp_nystrom(points: Tensor, rank: int, seed: int, tol: float = DEFAULT_TOL):
     x = points.reshape(groups, n, e).to(_acc_dtype(points.dtype))
     if n == 0 or groups == 0:
         return (
-            torch.zeros(*lead, kept, dtype=torch.int64),
+            torch.zeros(*lead, kept, dtype=torch.int64, device=x.device),
             x.new_zeros(*lead, kept, kept),
             x.new_zeros(*lead, kept, n),
         )
     pivots, kinv, rows = _pivoted_cholesky(
         x,
-        torch.ones(groups, n, dtype=torch.bool),
-        torch.full((groups,), kept),
-        torch.arange(groups),
-        torch.zeros(groups, dtype=torch.int64),
+        torch.ones(groups, n, dtype=torch.bool, device=x.device),
+        torch.full((groups,), kept, device=x.device),
+        torch.arange(groups, device=x.device),
+        torch.zeros(groups, dtype=torch.int64, device=x.device),
         seed,
         tol,
     )
@@ -270,12 +271,12 @@ def compress_kv(
     beta = 1.0 / math.sqrt(e) if scale is None else float(scale)
     kept = min(rank, n)
     if n == 0 or groups == 0:
-        zeros = torch.zeros(*lead, dv, dtype=acc)
+        zeros = torch.zeros(*lead, dv, dtype=acc, device=keys.device)
         return CompressedKV(
             keys.new_zeros(*lead, kept, e),
-            torch.zeros(*lead, kept, dv, dtype=acc),
-            torch.zeros(*lead, kept, dtype=acc),
-            torch.zeros(*lead, kept, dtype=torch.int64),
+            torch.zeros(*lead, kept, dv, dtype=acc, device=keys.device),
+            torch.zeros(*lead, kept, dtype=acc, device=keys.device),
+            torch.zeros(*lead, kept, dtype=torch.int64, device=keys.device),
             zeros,
             zeros.clone(),
         )
@@ -292,10 +293,11 @@ def compress_kv(
     slots = balanced_sizes(rank, num_bins)
     starts = [sum(lengths[:b]) for b in range(num_bins)]
     width = max(lengths)
-    local = torch.arange(width)
+    dev = keys.device
+    local = torch.arange(width, device=dev)
     valid = torch.stack([local < length for length in lengths])  # (C, width)
     index = torch.stack([start + torch.clamp(local, max=length - 1) for start, length in zip(starts, lengths)])
-    sampled = torch.tensor([length > slot for length, slot in zip(lengths, slots)])
+    sampled = [length > slot for length, slot in zip(lengths, slots)]
     rows = groups * num_bins
     kc = (k_centred[:, index] * valid[None, :, :, None]).reshape(rows, width, e)
 
@@ -305,20 +307,20 @@ def compress_kv(
         rq = key_norm
     else:
         rq = query_norm.reshape(groups).to(acc).repeat_interleave(num_bins)
-    bin_length = torch.tensor(lengths).repeat(groups)
+    bin_length = torch.tensor(lengths, device=dev).repeat(groups)
     m = key_scale(beta, rq, key_norm, bin_length, tau)
     x = m[:, None, None] * kc
 
     forced = None
     if core_indices is not None:
         forced = _forced_local_pivots(core_indices.reshape(groups, kept), lengths, slots, starts)
-    steps = torch.tensor([slot if is_sampled else 0 for slot, is_sampled in zip(slots, sampled)]).repeat(groups)
+    steps = torch.tensor([slot if is_sampled else 0 for slot, is_sampled in zip(slots, sampled)], device=dev).repeat(groups)
     pivots, kinv, kernel_rows = _pivoted_cholesky(
         x,
         valid.repeat(groups, 1),
         steps,
-        torch.arange(groups).repeat_interleave(num_bins),
-        torch.tensor(starts).repeat(groups),
+        torch.arange(groups, device=dev).repeat_interleave(num_bins),
+        torch.tensor(starts, device=dev).repeat(groups),
         seed,
         tol,
         forced,
@@ -343,12 +345,12 @@ def compress_kv(
         else:  # a bin no longer than its share keeps its keys exactly
             span = slice(starts[b], starts[b] + lengths[b])
             out_values.append(v_all[:, span])
-            out_weights.append(torch.ones(groups, lengths[b], dtype=acc))
-            out_indices.append(torch.arange(span.start, span.stop).expand(groups, -1))
+            out_weights.append(torch.ones(groups, lengths[b], dtype=acc, device=dev))
+            out_indices.append(torch.arange(span.start, span.stop, device=dev).expand(groups, -1))
     core_values = torch.cat(out_values, 1)
     core_weights = torch.cat(out_weights, 1)
     indices = torch.cat(out_indices, 1)
-    core_keys = keys.reshape(groups, n, e)[torch.arange(groups)[:, None], indices]
+    core_keys = keys.reshape(groups, n, e)[torch.arange(groups, device=dev)[:, None], indices]
     return CompressedKV(
         core_keys.reshape(*lead, kept, e),
         core_values.reshape(*lead, kept, dv),
@@ -363,7 +365,7 @@ def _forced_local_pivots(core_indices: Tensor, lengths, slots, starts) -> Tensor
     """(groups, r') global pivots → (groups * C, max slots) local pivots per (group, bin) row."""
     groups = core_indices.shape[0]
     width = max(slots)
-    out = torch.zeros(groups, len(lengths), width, dtype=torch.int64)
+    out = torch.zeros(groups, len(lengths), width, dtype=torch.int64, device=core_indices.device)
     offset = 0
     for b, (length, slot, start) in enumerate(zip(lengths, slots, starts)):
         taken = min(length, slot)
@@ -436,7 +438,8 @@ def coreset_attention(
 def query_norm_per_kv_head(query: Tensor, kv_heads: Optional[int] = None) -> Tensor:
     """R_q per group: the largest query norm over the M queries of every query head sharing a kv
     head. query (..., Hq, M, E) → (..., Hkv); a rank-2 query (M, E) gives a scalar."""
-    norms = query.to(_acc_dtype(query.dtype)).norm(dim=-1)
+    # dtype= reads the input once; .to() first would write a float32 copy of every query
+    norms = torch.linalg.vector_norm(query, dim=-1, dtype=_acc_dtype(query.dtype))
     if query.shape[-2] == 0:
         norms = norms.new_zeros(norms.shape[:-1])
     else:

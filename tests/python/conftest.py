@@ -18,6 +18,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test draws its random inputs from a fixed seed: failures reproduce."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)

@@ -1,0 +1,516 @@
+// CUDA kernels of compress_kv and rp_nystrom (ALGORITHM.md §2), torch-free: POD parameters, raw
+// pointers into contiguous (group, N, ·) tensors, launched on the caller's stream.
+//
+// Four launches, none per pivot step and none with a host synchronisation:
+//   1. group_stats_partial / group_stats_finalize: key mean (double sums) and value bounds per
+//      group, two-level so that each group is read by many CTAs and the sums are deterministic;
+//   2. pivot_kernel: one CTA per (group, bin) runs all of the bin's pivot steps (the bordered
+//      algorithm of the CPU code, csrc/ops/cpu/pivoted_cholesky.h, with the same random stream,
+//      so the same seed picks the same pivots); the argmax is a block reduction;
+//   3. weights_partial: Σ_l R(:, l) e^{(s_l - s_ref)/2} [v_l | 1] over chunks of points;
+//   4. finalize: sums the chunks in double, multiplies by G_SS^-1 and writes the coreset.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <cstdint>
+
+#include "common.h"
+#include "fastmath.h"
+#include "philox.h"
+#include "temperature.h"
+
+namespace wildcat {
+namespace kernels {
+
+// A seed either in device memory (drawn on the GPU: read at run time, so graph replays differ)
+// or a host value.
+struct SeedRef {
+  const int64_t* device_ptr;
+  uint64_t value;
+};
+
+__device__ __forceinline__ uint64_t load_seed(const SeedRef& s) {
+  return s.device_ptr != nullptr ? static_cast<uint64_t>(*s.device_ptr) : s.value;
+}
+
+template <typename T>
+__device__ __forceinline__ T to_acc(T v) {
+  return v;
+}
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// ---------------------------------------------------------------------------------------------
+// 1. Group statistics
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+struct StatsParams {
+  const scalar_t* keys;    // (G, N, E)
+  const scalar_t* values;  // (G, N, D)
+  int64_t n, e, dv, splits, chunk;
+  double* key_sum;         // (G, splits, E)
+  double* value_min;       // (G, splits, D)
+  double* value_max;       // (G, splits, D)
+};
+
+// grid (G, splits), blockDim (32, 8): x walks columns, y walks rows of this split's points.
+template <typename scalar_t>
+__global__ void group_stats_partial_kernel(StatsParams<scalar_t> p) {
+  __shared__ double scratch[3][8][32];
+  const int64_t g = blockIdx.x, split = blockIdx.y;
+  const int64_t first = split * p.chunk;
+  const int64_t last = first + p.chunk < p.n ? first + p.chunk : p.n;
+  const int64_t out = (g * p.splits + split);
+  const int64_t cols = p.e > p.dv ? p.e : p.dv;
+  for (int64_t c0 = 0; c0 < cols; c0 += 32) {
+    const int64_t c = c0 + threadIdx.x;
+    double sum = 0, lo = DBL_MAX, hi = -DBL_MAX;
+    for (int64_t l = first + threadIdx.y; l < last; l += 8) {
+      if (c < p.e) sum += static_cast<double>(to_acc(p.keys[(g * p.n + l) * p.e + c]));
+      if (c < p.dv) {
+        const double v = static_cast<double>(to_acc(p.values[(g * p.n + l) * p.dv + c]));
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+      }
+    }
+    scratch[0][threadIdx.y][threadIdx.x] = sum;
+    scratch[1][threadIdx.y][threadIdx.x] = lo;
+    scratch[2][threadIdx.y][threadIdx.x] = hi;
+    __syncthreads();
+    if (threadIdx.y == 0) {
+      for (int y = 1; y < 8; ++y) {  // fixed order: deterministic
+        sum += scratch[0][y][threadIdx.x];
+        lo = scratch[1][y][threadIdx.x] < lo ? scratch[1][y][threadIdx.x] : lo;
+        hi = scratch[2][y][threadIdx.x] > hi ? scratch[2][y][threadIdx.x] : hi;
+      }
+      if (c < p.e) p.key_sum[out * p.e + c] = sum;
+      if (c < p.dv) {
+        p.value_min[out * p.dv + c] = lo;
+        p.value_max[out * p.dv + c] = hi;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T>
+struct StatsFinalizeParams {
+  const double* key_sum;
+  const double* value_min;
+  const double* value_max;
+  int64_t n, e, dv, splits;
+  float* key_mean;  // (G, E)
+  T* out_min;       // (G, D)
+  T* out_max;       // (G, D)
+};
+
+template <typename T>
+__global__ void group_stats_finalize_kernel(StatsFinalizeParams<T> p) {
+  const int64_t g = blockIdx.x;
+  for (int64_t c = threadIdx.x; c < p.e; c += blockDim.x) {
+    double sum = 0;
+    for (int64_t s = 0; s < p.splits; ++s) sum += p.key_sum[(g * p.splits + s) * p.e + c];
+    p.key_mean[g * p.e + c] = static_cast<float>(sum / static_cast<double>(p.n));
+  }
+  for (int64_t c = threadIdx.x; c < p.dv; c += blockDim.x) {
+    double lo = DBL_MAX, hi = -DBL_MAX;
+    for (int64_t s = 0; s < p.splits; ++s) {
+      const double a = p.value_min[(g * p.splits + s) * p.dv + c];
+      const double b = p.value_max[(g * p.splits + s) * p.dv + c];
+      lo = a < lo ? a : lo;
+      hi = b > hi ? b : hi;
+    }
+    p.out_min[g * p.dv + c] = static_cast<T>(lo);
+    p.out_max[g * p.dv + c] = static_cast<T>(hi);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Pivot loop
+// ---------------------------------------------------------------------------------------------
+
+// Workspace layout per (group, bin) row gb = g * num_bins + b, padded to the largest bin:
+// per-point arrays (length_max), kernel rows (slots_max × length_max), kinv (slots_max²).
+template <typename scalar_t, typename T>
+struct PivotParams {
+  const scalar_t* points;     // (G, N, E): keys, or rp_nystrom's points
+  const float* key_mean;      // (G, E); null: the points are used as given (rp_nystrom)
+  const T* query_norm;        // (G) or null (R_q = R_k, query-agnostic)
+  int64_t n, e, num_bins, rank, slots_max, length_max;
+  double beta;
+  TauMode tau;
+  T tol;
+  SeedRef seed;
+  bool keys_in_smem;          // the bin's keys are staged in shared memory, else in keys_t
+  scalar_t* keys_t;           // (G*C, E, length_max) workspace when they do not fit
+  bool sample_all;            // rp_nystrom: sample even when rank >= length
+  T* residual;                // (G*C, length_max)
+  double* sq_norm;            // (G*C, length_max): s_l = |x_l|^2
+  T* rows;                    // (G*C, slots_max, length_max): R_i(l)
+  double* kinv;               // (G*C, slots_max, slots_max), zero-initialised
+  int64_t* pivots;            // (G*C, slots_max): local indices
+  int32_t* counts;            // (G*C): pivots taken; -1 for a bin kept exactly
+  double* key_scale_out;      // (G*C): m
+  double* max_sq_norm;        // (G*C): s_ref, the bin's largest s
+};
+
+struct ArgMax {
+  float score;
+  int64_t index;
+};
+
+__device__ __forceinline__ ArgMax better(ArgMax a, ArgMax b) {
+  // larger score wins; ties go to the smaller index, like the CPU's first maximum
+  if (b.score > a.score || (b.score == a.score && b.index < a.index && b.index >= 0)) return b;
+  return a;
+}
+
+// Block-wide argmax; every thread gets the result. `scratch` holds one entry per warp.
+template <int kThreads>
+__device__ ArgMax block_argmax(ArgMax mine, ArgMax* scratch) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    ArgMax other;
+    other.score = __shfl_down_sync(0xffffffffu, mine.score, offset);
+    other.index = __shfl_down_sync(0xffffffffu, mine.index, offset);
+    mine = better(mine, other);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) scratch[warp] = mine;
+  __syncthreads();
+  if (warp == 0) {
+    mine = lane < kThreads / 32 ? scratch[lane] : ArgMax{-INFINITY, -1};
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      ArgMax other;
+      other.score = __shfl_down_sync(0xffffffffu, mine.score, offset);
+      other.index = __shfl_down_sync(0xffffffffu, mine.index, offset);
+      mine = better(mine, other);
+    }
+    if (lane == 0) scratch[kThreads / 32] = mine;
+  }
+  __syncthreads();
+  const ArgMax result = scratch[kThreads / 32];
+  __syncthreads();  // scratch is reused by the next reduction
+  return result;
+}
+
+template <int kThreads>
+__device__ double block_max(double mine, double* scratch) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const double other = __shfl_down_sync(0xffffffffu, mine, offset);
+    mine = other > mine ? other : mine;
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) scratch[warp] = mine;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kThreads / 32; ++w) mine = scratch[w] > mine ? scratch[w] : mine;
+    scratch[kThreads / 32] = mine;
+  }
+  __syncthreads();
+  const double result = scratch[kThreads / 32];
+  __syncthreads();
+  return result;
+}
+
+// Shared memory of pivot_kernel: the reduction scratch (64 doubles) and g (double), then mean and
+// pivot point (E each) and g (T), so every array is aligned to its type; then the bin's keys
+// transposed (E × length_max) when keys_in_smem.
+template <typename scalar_t, typename T>
+__host__ __device__ inline size_t pivot_smem_bytes(int64_t e, int64_t slots_max, int64_t length_max,
+                                                   bool keys_in_smem) {
+  size_t bytes = (64 + slots_max) * sizeof(double) + (2 * e + slots_max) * sizeof(T);
+  bytes = (bytes + 15) / 16 * 16;
+  if (keys_in_smem) bytes += static_cast<size_t>(e) * length_max * sizeof(scalar_t);
+  return bytes;
+}
+
+template <typename scalar_t, typename T, int kThreads>
+__global__ void __launch_bounds__(kThreads) pivot_kernel(PivotParams<scalar_t, T> p) {
+  const int64_t gb = blockIdx.x;
+  const int64_t g = gb / p.num_bins, b = gb % p.num_bins;
+  const int64_t length = balanced_size(p.n, p.num_bins, b);
+  const int64_t slots = balanced_size(p.rank, p.num_bins, b);
+  const int64_t start = balanced_start(p.n, p.num_bins, b);
+  const int64_t e = p.e;
+  if (length <= slots && !p.sample_all) {  // kept exactly (§2.4): nothing to sample
+    if (threadIdx.x == 0) p.counts[gb] = -1;
+    return;
+  }
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  double* scratch = reinterpret_cast<double*>(smem_raw);
+  ArgMax* arg_scratch = reinterpret_cast<ArgMax*>(scratch);  // 16 bytes each, fits in 64 doubles
+  double* g_d = scratch + 64;
+  T* mean = reinterpret_cast<T*>(g_d + p.slots_max);
+  T* xp = mean + e;
+  T* g_t = xp + e;
+  scalar_t* keys_t = p.keys_in_smem ? reinterpret_cast<scalar_t*>(smem_raw + pivot_smem_bytes<scalar_t, T>(
+                                          e, p.slots_max, p.length_max, false))
+                                    : p.keys_t + gb * e * p.length_max;
+
+  const scalar_t* keys = p.points + (g * p.n + start) * e;
+  T* residual = p.residual + gb * p.length_max;
+  double* sq_norm = p.sq_norm + gb * p.length_max;
+  T* rows = p.rows + gb * p.slots_max * p.length_max;
+  double* kinv = p.kinv + gb * p.slots_max * p.slots_max;
+  const uint64_t seed = load_seed(p.seed);
+  const bool centred = p.key_mean != nullptr;
+
+  for (int64_t c = threadIdx.x; c < e; c += kThreads) {
+    mean[c] = centred ? static_cast<T>(p.key_mean[g * e + c]) : T(0);
+  }
+  // Stage the bin's keys transposed (E × length) once: the reads walk rows (coalesced), and every
+  // later pass reads consecutive points from consecutive threads (coalesced, no bank conflicts).
+  for (int64_t idx = threadIdx.x; idx < length * e; idx += kThreads) {
+    keys_t[(idx % e) * length + idx / e] = keys[idx];
+  }
+  __syncthreads();
+  auto key_at = [&](int64_t l, int64_t c) -> T { return static_cast<T>(to_acc(keys_t[c * length + l])); };
+
+  // Centred norms, the bin's largest, and the temperature (§2.5).
+  double norm_max = 0;
+  for (int64_t l = threadIdx.x; l < length; l += kThreads) {
+    double norm2 = 0;
+    for (int64_t c = 0; c < e; ++c) {
+      const T centred_value = key_at(l, c) - mean[c];
+      norm2 += static_cast<double>(centred_value) * static_cast<double>(centred_value);
+    }
+    norm_max = norm2 > norm_max ? norm2 : norm_max;
+  }
+  norm_max = block_max<kThreads>(norm_max, scratch);
+  const double key_norm = sqrt(norm_max);
+  double m = 1.0;
+  if (centred) {
+    const double rq = p.query_norm != nullptr ? static_cast<double>(p.query_norm[g]) : key_norm;
+    m = key_scale<double>(p.beta, rq, key_norm, length, p.tau);
+  }
+  const T m_t = static_cast<T>(m);
+
+  // x_l = m (k_l - mean), formed on the fly exactly as the CPU forms it; s_l in double.
+  ArgMax best{-INFINITY, -1};
+  double s_max = 0;
+  for (int64_t l = threadIdx.x; l < length; l += kThreads) {
+    double s = 0;
+    for (int64_t c = 0; c < e; ++c) {
+      const double x = static_cast<double>((key_at(l, c) - mean[c]) * m_t);
+      s += x * x;
+    }
+    sq_norm[l] = s;
+    s_max = s > s_max ? s : s_max;
+    residual[l] = T(1);
+    const uint64_t pos = static_cast<uint64_t>(start + l);
+    const Philox4 bits = pivot_noise_bits(seed, static_cast<uint64_t>(g), 0u, pos >> 2);
+    const T score = static_cast<T>(s) - vlog(exponential_variate<T>(bits.v[pos & 3]));  // log d = 0
+    best = better(best, ArgMax{static_cast<float>(score), l});
+  }
+  s_max = block_max<kThreads>(s_max, scratch);
+  if (threadIdx.x == 0) {
+    p.key_scale_out[gb] = m;
+    p.max_sq_norm[gb] = s_max;
+  }
+  best = block_argmax<kThreads>(best, arg_scratch);
+
+  int64_t count = 0;
+  for (int64_t i = 0; i < slots; ++i) {
+    const int64_t piv = best.index;
+    if (piv < 0) break;  // every residual <= tol (early stop)
+    count = i + 1;
+    if (threadIdx.x == 0) p.pivots[gb * p.slots_max + i] = piv;
+    for (int64_t c = threadIdx.x; c < e; c += kThreads) xp[c] = (key_at(piv, c) - mean[c]) * m_t;
+    // bordering (one warp): g = (L a, -1) / sqrt(d_p), a_j = R_j(p)
+    if (threadIdx.x < 32) {
+      const double inv_sqrt_dp = 1.0 / sqrt(static_cast<double>(residual[piv]));
+      for (int64_t a = threadIdx.x; a < i; a += 32) {
+        double acc = 0;
+        for (int64_t j = 0; j < i; ++j) {
+          acc += kinv[a * p.slots_max + j] * static_cast<double>(rows[j * p.length_max + piv]);
+        }
+        g_d[a] = acc * inv_sqrt_dp;
+      }
+      if (threadIdx.x == 0) g_d[i] = -inv_sqrt_dp;
+    }
+    __syncthreads();
+    for (int64_t idx = threadIdx.x; idx < (i + 1) * (i + 1); idx += kThreads) {
+      const int64_t a = idx / (i + 1), c = idx % (i + 1);
+      kinv[a * p.slots_max + c] += g_d[a] * g_d[c];
+    }
+    for (int64_t a = threadIdx.x; a <= i; a += kThreads) g_t[a] = static_cast<T>(g_d[a]);
+    __syncthreads();
+
+    const bool last = i + 1 == slots;
+    best = ArgMax{-INFINITY, -1};
+    for (int64_t l = threadIdx.x; l < length; l += kThreads) {
+      T dist = 0;  // |x_p - x_l|^2: no cancellation, exactly 0 for a key equal to the pivot
+      for (int64_t c = 0; c < e; ++c) {
+        const T diff = (key_at(l, c) - mean[c]) * m_t - xp[c];
+        dist += diff * diff;
+      }
+      const T kernel = vexp(dist * T(-0.5));
+      rows[i * p.length_max + l] = kernel;
+      T y = g_t[i] * kernel;
+      for (int64_t j = 0; j < i; ++j) y += g_t[j] * rows[j * p.length_max + l];
+      T d = residual[l] - y * y;
+      d = (l == piv || d < T(0)) ? T(0) : d;
+      residual[l] = d;
+      if (!last && d > p.tol) {
+        const uint64_t pos = static_cast<uint64_t>(start + l);
+        const Philox4 bits =
+            pivot_noise_bits(seed, static_cast<uint64_t>(g), static_cast<uint32_t>(i + 1), pos >> 2);
+        const T score = vlog(d / exponential_variate<T>(bits.v[pos & 3])) + static_cast<T>(sq_norm[l]);
+        best = better(best, ArgMax{static_cast<float>(score), l});
+      }
+    }
+    if (last) break;
+    best = block_argmax<kThreads>(best, arg_scratch);
+  }
+  if (threadIdx.x == 0) {
+    p.counts[gb] = static_cast<int32_t>(count);
+    const int64_t first = count > 0 ? p.pivots[gb * p.slots_max] : 0;
+    for (int64_t i = count; i < slots; ++i) p.pivots[gb * p.slots_max + i] = first;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Weighted sums of values over chunks of points
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename T>
+struct WeightsParams {
+  const scalar_t* values;     // (G, N, D)
+  const T* rows;              // pivot workspace
+  const double* sq_norm;
+  const double* max_sq_norm;
+  const int32_t* counts;
+  int64_t n, dv, num_bins, slots_max, length_max, chunk, chunks_max;
+  double* partial;            // (G*C, chunks_max, slots_max, D + 1)
+};
+
+// Σ_{l in chunk} R_j(l) e^{(s_l - s_ref)/2} [v_l | 1] for every pivot j of the bin; one CTA per
+// (bin, chunk), threads over (j, column) with the chunk's scale factors staged in shared memory.
+// Accumulated in double: G_SS^-1 amplifies the rounding of these sums (benchmarks/NOTES.md).
+template <typename scalar_t, typename T, int kThreads>
+__global__ void __launch_bounds__(kThreads) weights_partial_kernel(WeightsParams<scalar_t, T> p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  double* point_scale = reinterpret_cast<double*>(smem_raw);
+  const int64_t gb = blockIdx.x, chunk = blockIdx.y;
+  const int64_t g = gb / p.num_bins, b = gb % p.num_bins;
+  const int64_t k = p.counts[gb];
+  if (k <= 0) return;
+  const int64_t length = balanced_size(p.n, p.num_bins, b);
+  const int64_t start = balanced_start(p.n, p.num_bins, b);
+  const int64_t first = chunk * p.chunk;
+  if (first >= length) return;
+  const int64_t len = first + p.chunk < length ? p.chunk : length - first;
+  const double s_ref = p.max_sq_norm[gb];
+  for (int64_t l = threadIdx.x; l < len; l += kThreads) {
+    point_scale[l] = exp((p.sq_norm[gb * p.length_max + first + l] - s_ref) / 2);
+  }
+  __syncthreads();
+  const int64_t cols = p.dv + 1;
+  const scalar_t* values = p.values + (g * p.n + start + first) * p.dv;
+  const T* rows = p.rows + gb * p.slots_max * p.length_max + first;
+  double* out = p.partial + (gb * p.chunks_max + chunk) * p.slots_max * cols;
+  for (int64_t o = threadIdx.x; o < k * cols; o += kThreads) {
+    const int64_t j = o / cols, col = o % cols;
+    const T* rj = rows + j * p.length_max;
+    double acc = 0;
+    if (col < p.dv) {
+      for (int64_t l = 0; l < len; ++l) {
+        acc += static_cast<double>(rj[l]) * point_scale[l] * static_cast<double>(to_acc(values[l * p.dv + col]));
+      }
+    } else {
+      for (int64_t l = 0; l < len; ++l) acc += static_cast<double>(rj[l]) * point_scale[l];
+    }
+    out[o] = acc;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Finalize: the coreset
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename T>
+struct FinalizeParams {
+  const scalar_t* values;     // (G, N, D)
+  const double* partial;
+  const double* kinv;
+  const double* sq_norm;
+  const double* max_sq_norm;
+  const int64_t* pivots;
+  const int32_t* counts;
+  const T* value_min;         // (G, D)
+  const T* value_max;
+  bool center_values;
+  int64_t n, dv, rank, num_bins, kept, slots_max, length_max, chunk, chunks_max;
+  double* rhs;                // (G*C, slots_max, D + 1) workspace
+  T* core_values;             // (G, kept, D)
+  T* core_weights;            // (G, kept)
+  int64_t* core_indices;      // (G, kept)
+};
+
+template <typename scalar_t, typename T, int kThreads>
+__global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeParams<scalar_t, T> p) {
+  const int64_t gb = blockIdx.x;
+  const int64_t g = gb / p.num_bins, b = gb % p.num_bins;
+  const int64_t length = balanced_size(p.n, p.num_bins, b);
+  const int64_t slots = balanced_size(p.rank, p.num_bins, b);
+  const int64_t start = balanced_start(p.n, p.num_bins, b);
+  const int64_t first_slot = balanced_start(p.rank <= p.n ? p.rank : p.n, p.num_bins, b);
+  const int64_t dv = p.dv, cols = dv + 1;
+  T* core_values = p.core_values + (g * p.kept + first_slot) * dv;
+  T* core_weights = p.core_weights + g * p.kept + first_slot;
+  int64_t* core_indices = p.core_indices + g * p.kept + first_slot;
+  const T* vmin = p.value_min + g * dv;
+  const T* vmax = p.value_max + g * dv;
+  if (length <= slots) {  // exact bin: V̂ = V (- v_c), w = 1
+    const scalar_t* values = p.values + (g * p.n + start) * dv;
+    for (int64_t o = threadIdx.x; o < length * dv; o += kThreads) {
+      const int64_t c = o % dv;
+      const T offset = p.center_values ? (vmin[c] + vmax[c]) / T(2) : T(0);
+      core_values[o] = static_cast<T>(to_acc(values[o])) - offset;
+    }
+    for (int64_t l = threadIdx.x; l < length; l += kThreads) {
+      core_weights[l] = T(1);
+      core_indices[l] = start + l;
+    }
+    return;
+  }
+  const int64_t k = p.counts[gb];
+  const int64_t chunks = (length + p.chunk - 1) / p.chunk;
+  double* rhs = p.rhs + gb * p.slots_max * cols;
+  for (int64_t o = threadIdx.x; o < k * cols; o += kThreads) {
+    double sum = 0;
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      sum += p.partial[(gb * p.chunks_max + ch) * p.slots_max * cols + o];
+    }
+    rhs[o] = sum;
+  }
+  __syncthreads();
+  const double* kinv = p.kinv + gb * p.slots_max * p.slots_max;
+  const int64_t* pivots = p.pivots + gb * p.slots_max;
+  const double s_ref = p.max_sq_norm[gb];
+  for (int64_t o = threadIdx.x; o < slots * cols; o += kThreads) {
+    const int64_t a = o / cols, col = o % cols;
+    double acc = 0;
+    if (a < k) {
+      const double offset =
+          (p.center_values && col < dv) ? (static_cast<double>(vmin[col]) + vmax[col]) / 2 : 0.0;
+      for (int64_t j = 0; j < k; ++j) {
+        acc += kinv[a * p.slots_max + j] * (rhs[j * cols + col] - offset * rhs[j * cols + dv]);
+      }
+      acc *= exp((s_ref - p.sq_norm[gb * p.length_max + pivots[a]]) / 2);
+    }
+    if (col < dv) {
+      core_values[a * dv + col] = static_cast<T>(acc);
+    } else {
+      core_weights[a] = static_cast<T>(acc);
+      core_indices[a] = start + pivots[a];
+    }
+  }
+}
+
+}  // namespace kernels
+}  // namespace wildcat

@@ -1,0 +1,241 @@
+// CUDA glue of compress_kv and rp_nystrom (kernels in csrc/kernels/compress.cuh).
+#include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/accumulate.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "../checks.h"
+#include "cuda_utils.h"
+
+namespace wildcat {
+namespace cuda {
+namespace {
+
+constexpr int kPivotThreads = 512;
+constexpr int kWeightsThreads = 256;
+constexpr int kFinalizeThreads = 256;
+constexpr int64_t kWeightsChunk = 1024;  // points per CTA of the weighted sums
+constexpr int64_t kStatsChunk = 2048;    // points per CTA of the group statistics
+
+std::vector<int64_t> with_tail(at::IntArrayRef lead, std::initializer_list<int64_t> tail) {
+  std::vector<int64_t> shape(lead.begin(), lead.end());
+  shape.insert(shape.end(), tail);
+  return shape;
+}
+
+// Workspace of the pivot kernel for G groups of C bins (layout in compress.cuh).
+template <typename T>
+struct PivotWorkspace {
+  at::Tensor residual, sq_norm, rows, kinv, pivots, counts, key_scale, max_sq_norm;
+  int64_t slots_max, length_max;
+
+  PivotWorkspace(const at::TensorOptions& device, int64_t rows_count, int64_t rank, int64_t n,
+                 int64_t num_bins, bool zero_rows) {
+    const auto acc = c10::CppTypeToScalarType<T>::value;
+    slots_max = (rank + num_bins - 1) / num_bins;
+    length_max = (n + num_bins - 1) / num_bins;
+    residual = at::empty({rows_count, length_max}, device.dtype(acc));
+    sq_norm = at::empty({rows_count, length_max}, device.dtype(at::kDouble));
+    rows = zero_rows ? at::zeros({rows_count, slots_max, length_max}, device.dtype(acc))
+                     : at::empty({rows_count, slots_max, length_max}, device.dtype(acc));
+    kinv = at::zeros({rows_count, slots_max, slots_max}, device.dtype(at::kDouble));
+    pivots = at::empty({rows_count, slots_max}, device.dtype(at::kLong));
+    counts = at::empty({rows_count}, device.dtype(at::kInt));
+    key_scale = at::empty({rows_count}, device.dtype(at::kDouble));
+    max_sq_norm = at::empty({rows_count}, device.dtype(at::kDouble));
+  }
+};
+
+template <typename scalar_t, typename T>
+void launch_pivots(const at::Tensor& points, const float* key_mean, const T* query_norm, int64_t groups,
+                   int64_t n, int64_t e, int64_t num_bins, int64_t rank, double beta, kernels::TauMode tau,
+                   double tol, kernels::SeedRef seed, bool sample_all, PivotWorkspace<T>& ws,
+                   cudaStream_t stream) {
+  using cuda_t = typename CudaType<scalar_t>::type;
+  const size_t resident = kernels::pivot_smem_bytes<cuda_t, T>(e, ws.slots_max, ws.length_max, true);
+  const bool keys_in_smem = resident <= max_shared_memory();
+  const size_t smem = keys_in_smem ? resident : kernels::pivot_smem_bytes<cuda_t, T>(e, ws.slots_max, ws.length_max, false);
+  kernels::PivotParams<cuda_t, T> p{};
+  p.points = device_ptr<scalar_t>(points);
+  p.key_mean = key_mean;
+  p.query_norm = query_norm;
+  p.n = n;
+  p.e = e;
+  p.num_bins = num_bins;
+  p.rank = rank;
+  p.slots_max = ws.slots_max;
+  p.length_max = ws.length_max;
+  p.beta = beta;
+  p.tau = tau;
+  p.tol = static_cast<T>(tol);
+  p.seed = seed;
+  p.keys_in_smem = keys_in_smem;
+  at::Tensor keys_t;  // transposed keys per bin, when they do not fit shared memory
+  if (!keys_in_smem) {
+    keys_t = at::empty({groups * num_bins, e, ws.length_max}, points.options());
+    p.keys_t = reinterpret_cast<cuda_t*>(keys_t.mutable_data_ptr<scalar_t>());
+  }
+  p.sample_all = sample_all;
+  p.residual = ws.residual.template mutable_data_ptr<T>();
+  p.sq_norm = ws.sq_norm.template mutable_data_ptr<double>();
+  p.rows = ws.rows.template mutable_data_ptr<T>();
+  p.kinv = ws.kinv.template mutable_data_ptr<double>();
+  p.pivots = ws.pivots.template mutable_data_ptr<int64_t>();
+  p.counts = ws.counts.template mutable_data_ptr<int32_t>();
+  p.key_scale_out = ws.key_scale.template mutable_data_ptr<double>();
+  p.max_sq_norm = ws.max_sq_norm.template mutable_data_ptr<double>();
+  auto kernel = kernels::pivot_kernel<cuda_t, T, kPivotThreads>;
+  allow_shared_memory(kernel, smem);
+  kernel<<<groups * num_bins, kPivotThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t rank, int64_t num_bins,
+                    double beta, const std::optional<at::Tensor>& query_norm, kernels::SeedRef seed,
+                    kernels::TauMode tau, bool center_values, double tol, at::Tensor& core_values,
+                    at::Tensor& core_weights, at::Tensor& core_indices, at::Tensor& value_min,
+                    at::Tensor& value_max) {
+  using cuda_t = typename CudaType<scalar_t>::type;
+  using T = typename CudaType<scalar_t>::acc;
+  const int64_t groups = keys.size(0), n = keys.size(1), e = keys.size(2), dv = values.size(2);
+  const int64_t kept = std::min(rank, n);
+  const auto device = keys.options();
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  // 1. statistics
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(64, (n + kStatsChunk - 1) / kStatsChunk));
+  const int64_t chunk = (n + splits - 1) / splits;
+  at::Tensor key_sum = at::empty({groups, splits, e}, device.dtype(at::kDouble));
+  at::Tensor part_min = at::empty({groups, splits, dv}, device.dtype(at::kDouble));
+  at::Tensor part_max = at::empty({groups, splits, dv}, device.dtype(at::kDouble));
+  at::Tensor key_mean = at::empty({groups, e}, device.dtype(at::kFloat));
+  kernels::group_stats_partial_kernel<cuda_t><<<dim3(groups, splits), dim3(32, 8), 0, stream>>>(
+      kernels::StatsParams<cuda_t>{device_ptr<scalar_t>(keys), device_ptr<scalar_t>(values), n, e, dv, splits, chunk,
+                                   key_sum.mutable_data_ptr<double>(), part_min.mutable_data_ptr<double>(),
+                                   part_max.mutable_data_ptr<double>()});
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  kernels::group_stats_finalize_kernel<T><<<groups, 256, 0, stream>>>(kernels::StatsFinalizeParams<T>{
+      key_sum.const_data_ptr<double>(), part_min.const_data_ptr<double>(), part_max.const_data_ptr<double>(), n, e,
+      dv, splits, key_mean.mutable_data_ptr<float>(), value_min.mutable_data_ptr<T>(),
+      value_max.mutable_data_ptr<T>()});
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  // 2. pivots (bins kept exactly are skipped inside)
+  PivotWorkspace<T> ws(device, groups * num_bins, rank, n, num_bins, /*zero_rows=*/false);
+  std::optional<at::Tensor> qn;
+  if (query_norm) qn = query_norm->reshape({groups}).to(c10::CppTypeToScalarType<T>::value).contiguous();
+  const bool any_sampled = rank < n;  // else every bin is kept exactly
+  if (any_sampled) {
+    launch_pivots<scalar_t, T>(keys, key_mean.const_data_ptr<float>(), qn ? qn->const_data_ptr<T>() : nullptr,
+                               groups, n, e, num_bins, rank, beta, tau, tol, seed, false, ws, stream);
+  } else {
+    ws.counts.fill_(-1);
+  }
+
+  // 3. weighted sums over chunks of points
+  const int64_t chunks_max = (ws.length_max + kWeightsChunk - 1) / kWeightsChunk;
+  at::Tensor partial = at::empty({groups * num_bins, chunks_max, ws.slots_max, dv + 1}, device.dtype(at::kDouble));
+  if (any_sampled) {
+    kernels::WeightsParams<cuda_t, T> wp{device_ptr<scalar_t>(values), ws.rows.template const_data_ptr<T>(),
+                                         ws.sq_norm.template const_data_ptr<double>(), ws.max_sq_norm.template const_data_ptr<double>(),
+                                         ws.counts.template const_data_ptr<int32_t>(), n, dv, num_bins, ws.slots_max,
+                                         ws.length_max, kWeightsChunk, chunks_max, partial.mutable_data_ptr<double>()};
+    kernels::weights_partial_kernel<cuda_t, T, kWeightsThreads>
+        <<<dim3(groups * num_bins, chunks_max), kWeightsThreads, kWeightsChunk * sizeof(double), stream>>>(wp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  // 4. the coreset
+  at::Tensor rhs = at::empty({groups * num_bins, ws.slots_max, dv + 1}, device.dtype(at::kDouble));
+  kernels::FinalizeParams<cuda_t, T> fp{device_ptr<scalar_t>(values), partial.const_data_ptr<double>(),
+                                        ws.kinv.template const_data_ptr<double>(), ws.sq_norm.template const_data_ptr<double>(),
+                                        ws.max_sq_norm.template const_data_ptr<double>(), ws.pivots.template const_data_ptr<int64_t>(),
+                                        ws.counts.template const_data_ptr<int32_t>(), value_min.const_data_ptr<T>(),
+                                        value_max.const_data_ptr<T>(), center_values, n, dv, rank, num_bins, kept,
+                                        ws.slots_max, ws.length_max, kWeightsChunk, chunks_max,
+                                        rhs.mutable_data_ptr<double>(), core_values.mutable_data_ptr<T>(),
+                                        core_weights.mutable_data_ptr<T>(), core_indices.mutable_data_ptr<int64_t>()};
+  kernels::finalize_kernel<cuda_t, T, kFinalizeThreads><<<groups * num_bins, kFinalizeThreads, 0, stream>>>(fp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_kv_cuda(
+    const at::Tensor& keys, const at::Tensor& values, int64_t rank, int64_t num_bins,
+    std::optional<double> scale, const std::optional<at::Tensor>& query_norm,
+    const std::optional<at::Tensor>& seed, std::string_view tau, bool center_values, double tol) {
+  detail::check_compress_kv_args(keys, values, rank, num_bins, scale, query_norm, seed, tau, tol);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard guard(keys.device());
+  const int64_t d = keys.dim();
+  const auto lead = keys.sizes().slice(0, d - 2);
+  const int64_t n = keys.size(-2), e = keys.size(-1), dv = values.size(-1);
+  const int64_t groups = c10::multiply_integers(lead);
+  const int64_t kept = std::min(rank, n);
+  const auto acc = detail::accumulate_type(keys.scalar_type());
+  const auto acc_opts = keys.options().dtype(acc);
+  at::Tensor core_values = at::zeros({groups, kept, dv}, acc_opts);
+  at::Tensor core_weights = at::zeros({groups, kept}, acc_opts);
+  at::Tensor core_indices = at::zeros({groups, kept}, keys.options().dtype(at::kLong));
+  at::Tensor value_min = at::zeros({groups, dv}, acc_opts);
+  at::Tensor value_max = at::zeros({groups, dv}, acc_opts);
+  at::Tensor keys3 = keys.reshape({groups, n, e});
+  if (n > 0 && groups > 0) {
+    const at::Tensor k = keys3.contiguous();
+    const at::Tensor v = values.reshape({groups, n, dv}).contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, keys.scalar_type(), "wildcat_compress_kv_cuda", [&] {
+      compress_typed<scalar_t>(k, v, rank, num_bins, detail::resolve_scale(scale, e), query_norm, seed_ref(seed),
+                               detail::parse_tau(tau), center_values, tol, core_values, core_weights, core_indices,
+                               value_min, value_max);
+    });
+  }
+  at::Tensor core_keys = keys3.gather(1, core_indices.unsqueeze(-1).expand({groups, kept, e}));
+  return {core_keys.reshape(with_tail(lead, {kept, e})), core_values.reshape(with_tail(lead, {kept, dv})),
+          core_weights.reshape(with_tail(lead, {kept})), core_indices.reshape(with_tail(lead, {kept})),
+          value_min.reshape(with_tail(lead, {dv})), value_max.reshape(with_tail(lead, {dv}))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rp_nystrom_cuda(const at::Tensor& points, int64_t rank,
+                                                               const std::optional<at::Tensor>& seed, double tol) {
+  detail::check_rp_nystrom_args(points, rank, seed, tol);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard guard(points.device());
+  const int64_t d = points.dim();
+  const auto lead = points.sizes().slice(0, d - 2);
+  const int64_t n = points.size(-2), e = points.size(-1);
+  const int64_t groups = c10::multiply_integers(lead);
+  const int64_t kept = std::min(rank, n);
+  const auto acc = detail::accumulate_type(points.scalar_type());
+  if (n == 0 || groups == 0) {
+    return {at::zeros(with_tail(lead, {kept}), points.options().dtype(at::kLong)),
+            at::zeros(with_tail(lead, {kept, kept}), points.options().dtype(acc)),
+            at::zeros(with_tail(lead, {kept, n}), points.options().dtype(acc))};
+  }
+  const at::Tensor x = points.reshape({groups, n, e}).contiguous();
+  at::Tensor pivots, kinv, rows;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, points.scalar_type(), "wildcat_rp_nystrom_cuda", [&] {
+    using T = typename CudaType<scalar_t>::acc;
+    PivotWorkspace<T> ws(points.options(), groups, kept, n, 1, /*zero_rows=*/true);
+    launch_pivots<scalar_t, T>(x, nullptr, nullptr, groups, n, e, 1, kept, 1.0, kernels::TauMode::kLambert, tol,
+                               seed_ref(seed), /*sample_all=*/true, ws, at::cuda::getCurrentCUDAStream());
+    pivots = ws.pivots;
+    kinv = ws.kinv.to(acc);
+    rows = ws.rows;
+  });
+  return {pivots.reshape(with_tail(lead, {kept})), kinv.reshape(with_tail(lead, {kept, kept})),
+          rows.reshape(with_tail(lead, {kept, n}))};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace wildcat
+
+TORCH_LIBRARY_IMPL(wildcat, CUDA, m) {
+  m.impl("rp_nystrom", TORCH_FN(wildcat::cuda::rp_nystrom_cuda));
+  m.impl("compress_kv", TORCH_FN(wildcat::cuda::compress_kv_cuda));
+}

@@ -1,0 +1,66 @@
+// Helpers shared by the CUDA glue: torch → CUDA scalar types, the seed, launch checks.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <optional>
+
+#include "../../kernels/compress.cuh"
+
+namespace wildcat {
+namespace cuda {
+
+// The CUDA type of a torch scalar type (layout-identical) and its accumulation type.
+template <typename scalar_t>
+struct CudaType {
+  using type = scalar_t;
+  using acc = float;
+};
+template <>
+struct CudaType<at::Half> {
+  using type = __half;
+  using acc = float;
+};
+template <>
+struct CudaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+  using acc = float;
+};
+template <>
+struct CudaType<double> {
+  using type = double;
+  using acc = double;
+};
+
+template <typename scalar_t>
+const typename CudaType<scalar_t>::type* device_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const typename CudaType<scalar_t>::type*>(t.const_data_ptr<scalar_t>());
+}
+
+// A seed on the GPU is read by the kernel (graph replays see new values); a CPU seed is read here
+// without any device synchronisation.
+inline kernels::SeedRef seed_ref(const std::optional<at::Tensor>& seed) {
+  if (!seed.has_value()) return {nullptr, 0};
+  if (seed->is_cuda()) return {seed->const_data_ptr<int64_t>(), 0};
+  return {nullptr, static_cast<uint64_t>(seed->item<int64_t>())};
+}
+
+// Raises a kernel's dynamic shared memory limit to `bytes` (once per kernel and size class).
+template <typename Kernel>
+void allow_shared_memory(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+  }
+}
+
+inline size_t max_shared_memory() {
+  return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+}
+
+}  // namespace cuda
+}  // namespace wildcat

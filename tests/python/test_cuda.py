@@ -1,0 +1,186 @@
+"""CUDA kernels against the CPU ops and the float64 oracle (skipped without a GPU)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import wildcat
+from wildcat import reference as ref
+
+from conftest import randn
+
+pytestmark = pytest.mark.cuda
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def to(device, *tensors):
+    return [t.to(device) for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize(
+    "n,rank,bins,e,dv",
+    [(97, 16, 3, 32, 16), (1025, 64, 4, 64, 64), (4096, 128, 16, 64, 64), (3000, 32, 1, 128, 64), (20000, 24, 1, 64, 64)],
+)
+def test_compress_picks_the_cpu_pivots(dtype, n, rank, bins, e, dv):
+    """Same seed, same pivots as the CPU code in at least 99% of groups; equal pivots give equal
+    weights and values to float tolerance. (20000 keys in one bin do not fit shared memory: the
+    streamed path.)"""
+    groups = 48
+    k, v = randn(groups, n, e, dtype=dtype), randn(groups, n, dv, dtype=dtype)
+    q_norm = torch.rand(groups) * 4 + 6
+    cpu = wildcat.ops.compress_kv(k, v, rank, bins, None, q_norm, 123)
+    gpu = wildcat.ops.compress_kv(*to("cuda", k, v), rank, bins, None, q_norm.cuda(), 123)
+    same = (gpu.core_indices.cpu() == cpu.core_indices).all(-1)
+    assert same.float().mean() >= 0.99, f"{int((~same).sum())} of {groups} groups differ"
+    assert torch.equal(gpu.value_min.cpu(), cpu.value_min) and torch.equal(gpu.value_max.cpu(), cpu.value_max)
+    assert torch.equal(gpu.core_keys.cpu()[same], cpu.core_keys[same])
+    for name in ("core_values", "core_weights"):
+        a, b = getattr(gpu, name).cpu()[same].double(), getattr(cpu, name)[same].double()
+        scale = b.abs().amax(dim=tuple(range(1, b.dim())), keepdim=True).clamp_min(1.0)
+        assert ((a - b).abs() / scale).max() < 2e-4, name
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n,rank,bins,e", [(512, 32, 1, 64), (1025, 64, 4, 128), (300, 48, 3, 96), (2048, 128, 16, 64)])
+def test_accuracy_rule_against_float64_oracle(dtype, n, rank, bins, e):
+    """At most twice the error of the same algorithm in plain PyTorch at the same dtype, pivots
+    held fixed (both compression and attention on the GPU; oracle on the CPU)."""
+    q, k, v = randn(2, 4, 64, e, dtype=dtype), randn(2, 2, n, e, dtype=dtype), randn(2, 2, n, e, dtype=dtype)
+    q_norm = ref.query_norm_per_kv_head(q, 2)
+    core = wildcat.ops.compress_kv(*to("cuda", k, v), rank, bins, None, q_norm.cuda(), 9)
+    out = wildcat.ops.coreset_attention(q.cuda(), core.core_keys, core.core_values, core.core_weights, None,
+                                        core.value_min, core.value_max).cpu()
+    indices = core.core_indices.cpu()
+
+    def oracle(q_, k_, v_):
+        c = ref.compress_kv(k_, v_, rank, bins, None, ref.query_norm_per_kv_head(q_, 2), 9, core_indices=indices)
+        return ref.coreset_attention(q_, c.core_keys, c.core_values, c.core_weights, None, c.value_min, c.value_max)
+
+    exact64 = oracle(q.double(), k.double(), v.double())
+    plain = oracle(q, k, v)
+    err = (out.double() - exact64).abs().max()
+    err_plain = (plain.double() - exact64).abs().max()
+    assert err <= 2 * err_plain, (float(err), float(err_plain))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("e,dv,rank", [(64, 64, 128), (128, 128, 256), (64, 64, 512), (96, 40, 70), (256, 256, 33)])
+def test_attention_kernels_against_oracle(dtype, e, dv, rank):
+    """Both attention kernels (tensor cores for 16-bit E = D in {64, 128}, the general one
+    otherwise) on a given coreset with signed weights: the 2x rule against plain PyTorch."""
+    q = randn(2, 4, 200, e, dtype=dtype)
+    keys = randn(2, 2, rank, e, dtype=dtype)
+    values = randn(2, 2, rank, dv) * 3
+    weights = torch.rand(2, 2, rank) * 1.5 - 0.25
+    vmin, vmax = values.amin(-2) - 1, values.amax(-2) + 1
+    out = wildcat.ops.coreset_attention(*to("cuda", q, keys, values, weights), None, vmin.cuda(), vmax.cuda()).cpu()
+    exact64 = ref.coreset_attention(q.double(), keys.double(), values.double(), weights.double(), None, vmin.double(), vmax.double())
+    plain = ref.coreset_attention(q, keys, values, weights, None, vmin, vmax)
+    err = (out.double() - exact64).abs().max()
+    err_plain = (plain.double() - exact64).abs().max()
+    assert err <= 2 * err_plain, (float(err), float(err_plain))
+
+
+@pytest.mark.parametrize("dtype", FLOATS + [torch.float64])
+@pytest.mark.parametrize("n,rank,bins", [(1, 1, 1), (97, 97, 1), (97, 128, 5), (1025, 1025, 16)])
+def test_rank_at_least_length_is_exact(dtype, n, rank, bins):
+    q, k, v = randn(1, 4, 33, 64, dtype=dtype), randn(1, 2, n, 64, dtype=dtype), randn(1, 2, n, 64, dtype=dtype)
+    out = wildcat.scaled_dot_product_attention(*to("cuda", q, k, v), enable_gqa=True, r=rank, num_bins=bins).cpu()
+    exact = ref.exact_attention(q.double(), k.double(), v.double())
+    sdpa = torch.nn.functional.scaled_dot_product_attention(*to("cuda", q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))).cpu()
+    sdpa_err = (sdpa.double() - exact).abs().max()
+    assert (out.double() - exact).abs().max() <= 2 * sdpa_err + (1e-12 if dtype == torch.float64 else 1e-6)
+
+
+def test_float64_matches_the_oracle():
+    q, k, v = randn(2, 4, 30, 32, dtype=torch.float64), randn(2, 2, 400, 32, dtype=torch.float64), randn(2, 2, 400, 16, dtype=torch.float64)
+    got = wildcat.scaled_dot_product_attention(*to("cuda", q, k, v), enable_gqa=True, r=40, num_bins=4, seed=3).cpu()
+    torch.testing.assert_close(got, ref.wildcat_attention(q, k, v, 40, 4, seed=3), atol=1e-10, rtol=0)
+
+
+def test_rp_nystrom_matches_cpu():
+    x = randn(8, 300, 16) * 0.4
+    cpu = wildcat.ops.rp_nystrom(x, 24, seed=5)
+    gpu = [t.cpu() for t in wildcat.ops.rp_nystrom(x.cuda(), 24, seed=5)]
+    assert torch.equal(gpu[0], cpu[0])
+    torch.testing.assert_close(gpu[1], cpu[1], atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(gpu[2], cpu[2], atol=1e-6, rtol=0)
+
+
+def test_seed_on_the_device_equals_the_same_seed_on_the_host():
+    q, k, v = to("cuda", randn(1, 4, 50, 64, dtype=torch.bfloat16), randn(1, 4, 900, 64, dtype=torch.bfloat16),
+                  randn(1, 4, 900, 64, dtype=torch.bfloat16))
+    host = wildcat.scaled_dot_product_attention(q, k, v, r=32, num_bins=2, seed=77)
+    device = wildcat.scaled_dot_product_attention(q, k, v, r=32, num_bins=2, seed=torch.tensor(77, device="cuda"))
+    assert torch.equal(host, device)
+
+
+def test_outputs_are_finite_bounded_and_deterministic():
+    q, k, v = to("cuda", randn(2, 8, 700, 64, dtype=torch.bfloat16) * 2, randn(2, 8, 3000, 64, dtype=torch.bfloat16) * 2,
+                  randn(2, 8, 3000, 64, dtype=torch.bfloat16))
+    a = wildcat.scaled_dot_product_attention(q, k, v, r=64, num_bins=4, seed=1)
+    b = wildcat.scaled_dot_product_attention(q, k, v, r=64, num_bins=4, seed=1)
+    assert torch.equal(a, b)
+    assert torch.isfinite(a).all()
+    assert (a >= v.amin(-2, keepdim=True)).all() and (a <= v.amax(-2, keepdim=True)).all()
+
+
+def test_manual_cuda_graph_capture_replays():
+    q, k, v = to("cuda", randn(1, 4, 256, 64, dtype=torch.bfloat16), randn(1, 4, 2048, 64, dtype=torch.bfloat16),
+                  randn(1, 4, 2048, 64, dtype=torch.bfloat16))
+    fixed, fresh = wildcat.WildCat(r=64, num_bins=4, seed=11), wildcat.WildCat(r=64, num_bins=4)
+    expected = fixed(q, k, v)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up outside the graph
+        for _ in range(2):
+            fixed(q, k, v)
+            fresh(q, k, v)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph_fixed, graph_fresh = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph_fixed):
+        out_fixed = fixed(q, k, v)
+    with torch.cuda.graph(graph_fresh):
+        out_fresh = fresh(q, k, v)
+    q.copy_(randn(1, 4, 256, 64, dtype=torch.bfloat16).cuda())  # replays see new inputs
+    expected = fixed(q, k, v)
+    graph_fixed.replay()
+    assert torch.equal(out_fixed, expected)
+    graph_fresh.replay()
+    first = out_fresh.clone()
+    graph_fresh.replay()
+    assert not torch.equal(out_fresh, first), "the seed drawn on the GPU must change between replays"
+    assert torch.isfinite(out_fresh).all()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "torch.compile(mode='reduce-overhead') rejects the graph (torch 2.11): 'These storage data ptrs "
+    "are not allocated in pool'; manual CUDA-graph capture works (test above). Open in benchmarks/NOTES.md."))
+def test_compile_reduce_overhead():
+    q, k, v = to("cuda", randn(1, 4, 256, 64, dtype=torch.bfloat16), randn(1, 4, 2048, 64, dtype=torch.bfloat16),
+                  randn(1, 4, 2048, 64, dtype=torch.bfloat16))
+    module = wildcat.WildCat(r=64, num_bins=4, seed=5)
+    compiled = torch.compile(module, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        out = compiled(q, k, v)
+    # inductor may round the query norm differently: bf16 tolerance, same pivots
+    torch.testing.assert_close(out, module(q, k, v))
+
+
+def test_cuda_build_reports_cuda():
+    assert wildcat.cuda_built()
+
+
+def test_bad_cuda_input_raises_instead_of_crashing():
+    """Errors raised in the CUDA glue reach Python as exceptions (run apart: a crash must not
+    take the test session down)."""
+    code = ("import torch, wildcat\n"
+            "q = torch.randn(1, 1, 4, 300, device='cuda')\n"
+            "wildcat.ops.coreset_attention(q, q, q, torch.ones(1, 1, 4, device='cuda'))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "ValueError" in result.stderr and "E, D <= 256" in result.stderr
