@@ -15,12 +15,15 @@ case "$nvcc_major" in
 esac
 venv=.venv-cuda
 [ -x $venv/bin/python ] || python3 -m venv $venv
-$venv/bin/python -c "import torch" 2>/dev/null || $venv/bin/pip install --quiet "$torch_pin" setuptools wheel ninja
+$venv/bin/python -c "import torch" 2>/dev/null || $venv/bin/pip install --quiet "$torch_pin" numpy setuptools wheel ninja
 out=build/cuda-check
 rm -rf $out
 WILDCAT_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
   $venv/bin/python setup.py build --build-base $out > $out.log 2>&1 || { tail -40 $out.log; exit 1; }
-PYTHONPATH=$(ls -d $out/lib*) $venv/bin/python - <<'PY'
+# run from the built package's folder: the repository root holds the CPU build's in-place module
+python=$PWD/$venv/bin/python
+cd "$(ls -d $out/lib*)"
+$python - <<'PY'
 import torch
 import wildcat
 assert wildcat.cuda_built(), "built without CUDA"

@@ -63,7 +63,7 @@ def test_module_matches_the_function_and_validates_settings():
 
 def test_compress_then_attend_equals_the_one_call():
     q, k, v = randn(2, 8, 20, 32), randn(2, 2, 150, 32), randn(2, 2, 150, 16)
-    kv = wildcat.compress_kv(k, v, 32, 4, query_norm=ref.query_norm_per_kv_head(q, 2), seed=4)
+    kv = wildcat.compress_kv(k, v, 32, 4, query_norm=wildcat.query_norm_per_kv_head(q, 2), seed=4)
     assert isinstance(kv, wildcat.CompressedKV)
     out = wildcat.coreset_attention(q, kv)
     assert torch.equal(out, wildcat.scaled_dot_product_attention(q, k, v, enable_gqa=True, r=32, num_bins=4, seed=4))

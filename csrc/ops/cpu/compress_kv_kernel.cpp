@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "../outputs.h"
 #include "pivoted_cholesky.h"
 
 namespace wildcat {
@@ -193,44 +194,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& seed, std::string_view tau, bool center_values, double tol) {
   detail::check_compress_kv_args(keys, values, rank, num_bins, scale, query_norm, seed, tau, tol);
   at::AutoDispatchBelowADInplaceOrView guard;  // internal ATen calls are not differentiated
-  const int64_t d = keys.dim();
-  const auto lead = keys.sizes().slice(0, d - 2);
-  const int64_t n = keys.size(-2), e = keys.size(-1), dv = values.size(-1);
-  const int64_t groups = c10::multiply_integers(lead);
-  const int64_t kept = std::min(rank, n);
-  const auto acc = detail::accumulate_type(keys.scalar_type());
-  const auto acc_opts = keys.options().dtype(acc);
-
-  at::Tensor core_values = at::zeros({groups, kept, dv}, acc_opts);
-  at::Tensor core_weights = at::zeros({groups, kept}, acc_opts);
-  at::Tensor core_indices = at::zeros({groups, kept}, keys.options().dtype(at::kLong));
-  at::Tensor value_min = at::zeros({groups, dv}, acc_opts);
-  at::Tensor value_max = at::zeros({groups, dv}, acc_opts);
-  at::Tensor keys3 = keys.reshape({groups, n, e});
+  detail::CompressOutputs out(keys, values, rank);
+  const int64_t groups = out.groups, n = out.n, e = out.e, dv = out.dv;
   if (n > 0 && groups > 0) {
-    const at::Tensor k = keys3.to(acc).contiguous();
+    const auto acc = detail::accumulate_type(keys.scalar_type());
+    const at::Tensor k = out.keys3.to(acc).contiguous();
     const at::Tensor v = values.reshape({groups, n, dv}).to(acc).contiguous();
     std::optional<at::Tensor> qn;
     if (query_norm) qn = query_norm->reshape({groups}).to(acc).contiguous();
-    const CompressParams params{n, e, dv, rank, num_bins, kept, detail::resolve_scale(scale, e),
+    const CompressParams params{n, e, dv, rank, num_bins, out.kept, detail::resolve_scale(scale, e),
                                 qn.has_value(), detail::parse_tau(tau), center_values, tol,
                                 detail::host_seed(seed)};
     if (acc == at::kDouble) {
-      compress_all<double>(params, groups, k, v, qn, core_values, core_weights, core_indices, value_min, value_max);
+      compress_all<double>(params, groups, k, v, qn, out.core_values, out.core_weights, out.core_indices,
+                           out.value_min, out.value_max);
     } else {
-      compress_all<float>(params, groups, k, v, qn, core_values, core_weights, core_indices, value_min, value_max);
+      compress_all<float>(params, groups, k, v, qn, out.core_values, out.core_weights, out.core_indices,
+                          out.value_min, out.value_max);
     }
   }
-  at::Tensor core_keys = keys3.gather(1, core_indices.unsqueeze(-1).expand({groups, kept, e}));
-  std::vector<int64_t> shape(lead.begin(), lead.end());
-  auto with = [&](std::initializer_list<int64_t> tail) {
-    std::vector<int64_t> s = shape;
-    s.insert(s.end(), tail);
-    return s;
-  };
-  return {core_keys.reshape(with({kept, e})), core_values.reshape(with({kept, dv})),
-          core_weights.reshape(with({kept})), core_indices.reshape(with({kept})),
-          value_min.reshape(with({dv})), value_max.reshape(with({dv}))};
+  return out.finish();
 }
 
 template <typename T>
@@ -279,12 +262,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rp_nystrom_cpu(
       });
     });
   }
-  std::vector<int64_t> shape(lead.begin(), lead.end());
-  std::vector<int64_t> piv_shape = shape, kinv_shape = shape, rows_shape = shape;
-  piv_shape.push_back(kept);
-  kinv_shape.insert(kinv_shape.end(), {kept, kept});
-  rows_shape.insert(rows_shape.end(), {kept, n});
-  return {pivots.reshape(piv_shape), kinv.reshape(kinv_shape), rows.reshape(rows_shape)};
+  return {pivots.reshape(detail::with_tail(lead, {kept})), kinv.reshape(detail::with_tail(lead, {kept, kept})),
+          rows.reshape(detail::with_tail(lead, {kept, n}))};
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "../outputs.h"
 #include "cuda_utils.h"
 
 namespace wildcat {
@@ -21,12 +22,6 @@ constexpr int kWeightsThreads = 256;
 constexpr int kFinalizeThreads = 256;
 constexpr int64_t kWeightsChunk = 1024;  // points per CTA of the weighted sums
 constexpr int64_t kStatsChunk = 2048;    // points per CTA of the group statistics
-
-std::vector<int64_t> with_tail(at::IntArrayRef lead, std::initializer_list<int64_t> tail) {
-  std::vector<int64_t> shape(lead.begin(), lead.end());
-  shape.insert(shape.end(), tail);
-  return shape;
-}
 
 // Workspace of the pivot kernel for G groups of C bins (layout in compress.cuh).
 template <typename T>
@@ -172,32 +167,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   detail::check_compress_kv_args(keys, values, rank, num_bins, scale, query_norm, seed, tau, tol);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(keys.device());
-  const int64_t d = keys.dim();
-  const auto lead = keys.sizes().slice(0, d - 2);
-  const int64_t n = keys.size(-2), e = keys.size(-1), dv = values.size(-1);
-  const int64_t groups = c10::multiply_integers(lead);
-  const int64_t kept = std::min(rank, n);
-  const auto acc = detail::accumulate_type(keys.scalar_type());
-  const auto acc_opts = keys.options().dtype(acc);
-  at::Tensor core_values = at::zeros({groups, kept, dv}, acc_opts);
-  at::Tensor core_weights = at::zeros({groups, kept}, acc_opts);
-  at::Tensor core_indices = at::zeros({groups, kept}, keys.options().dtype(at::kLong));
-  at::Tensor value_min = at::zeros({groups, dv}, acc_opts);
-  at::Tensor value_max = at::zeros({groups, dv}, acc_opts);
-  at::Tensor keys3 = keys.reshape({groups, n, e});
-  if (n > 0 && groups > 0) {
-    const at::Tensor k = keys3.contiguous();
-    const at::Tensor v = values.reshape({groups, n, dv}).contiguous();
+  detail::CompressOutputs out(keys, values, rank);
+  if (out.n > 0 && out.groups > 0) {
+    const at::Tensor k = out.keys3.contiguous();
+    const at::Tensor v = values.reshape({out.groups, out.n, out.dv}).contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, keys.scalar_type(), "wildcat_compress_kv_cuda", [&] {
-      compress_typed<scalar_t>(k, v, rank, num_bins, detail::resolve_scale(scale, e), query_norm, seed_ref(seed),
-                               detail::parse_tau(tau), center_values, tol, core_values, core_weights, core_indices,
-                               value_min, value_max);
+      compress_typed<scalar_t>(k, v, rank, num_bins, detail::resolve_scale(scale, out.e), query_norm, seed_ref(seed),
+                               detail::parse_tau(tau), center_values, tol, out.core_values, out.core_weights,
+                               out.core_indices, out.value_min, out.value_max);
     });
   }
-  at::Tensor core_keys = keys3.gather(1, core_indices.unsqueeze(-1).expand({groups, kept, e}));
-  return {core_keys.reshape(with_tail(lead, {kept, e})), core_values.reshape(with_tail(lead, {kept, dv})),
-          core_weights.reshape(with_tail(lead, {kept})), core_indices.reshape(with_tail(lead, {kept})),
-          value_min.reshape(with_tail(lead, {dv})), value_max.reshape(with_tail(lead, {dv}))};
+  return out.finish();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rp_nystrom_cuda(const at::Tensor& points, int64_t rank,
@@ -212,9 +192,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rp_nystrom_cuda(const at::Tensor&
   const int64_t kept = std::min(rank, n);
   const auto acc = detail::accumulate_type(points.scalar_type());
   if (n == 0 || groups == 0) {
-    return {at::zeros(with_tail(lead, {kept}), points.options().dtype(at::kLong)),
-            at::zeros(with_tail(lead, {kept, kept}), points.options().dtype(acc)),
-            at::zeros(with_tail(lead, {kept, n}), points.options().dtype(acc))};
+    return {at::zeros(detail::with_tail(lead, {kept}), points.options().dtype(at::kLong)),
+            at::zeros(detail::with_tail(lead, {kept, kept}), points.options().dtype(acc)),
+            at::zeros(detail::with_tail(lead, {kept, n}), points.options().dtype(acc))};
   }
   const at::Tensor x = points.reshape({groups, n, e}).contiguous();
   at::Tensor pivots, kinv, rows;
@@ -227,8 +207,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rp_nystrom_cuda(const at::Tensor&
     kinv = ws.kinv.to(acc);
     rows = ws.rows;
   });
-  return {pivots.reshape(with_tail(lead, {kept})), kinv.reshape(with_tail(lead, {kept, kept})),
-          rows.reshape(with_tail(lead, {kept, n}))};
+  return {pivots.reshape(detail::with_tail(lead, {kept})), kinv.reshape(detail::with_tail(lead, {kept, kept})),
+          rows.reshape(detail::with_tail(lead, {kept, n}))};
 }
 
 }  // namespace

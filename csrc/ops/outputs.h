@@ -1,0 +1,33 @@
+// Output allocation and shaping shared by the CPU and CUDA implementations.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <initializer_list>
+#include <tuple>
+#include <vector>
+
+namespace wildcat {
+namespace detail {
+
+// lead + tail, the shape of an output that keeps an input's leading dims.
+std::vector<int64_t> with_tail(at::IntArrayRef lead, std::initializer_list<int64_t> tail);
+
+// compress_kv's outputs, allocated per group (G = product of the keys' leading dims) and zeroed:
+// early-stopped slots and empty sequences need nothing more.
+struct CompressOutputs {
+  CompressOutputs(const at::Tensor& keys, const at::Tensor& values, int64_t rank);
+
+  // Gathers the core keys at the pivots and gives every output the keys' leading dims.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish() const;
+
+  int64_t groups, n, e, dv, kept;
+  at::Tensor keys3;  // the keys viewed as (G, N, E)
+  at::Tensor core_values, core_weights, core_indices, value_min, value_max;
+
+ private:
+  at::DimVector lead_;
+};
+
+}  // namespace detail
+}  // namespace wildcat
