@@ -9,8 +9,10 @@ source "$(dirname "$0")/setup.sh"
 $PY -m pytest -q -p no:cacheprovider tests/python
 
 have_catch2() { [ -e /usr/include/catch2/catch.hpp ] || [ -e /usr/include/catch2/catch_test_macros.hpp ]; }
-if ! have_catch2 && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq catch2) >/dev/null || true
+if ! have_catch2 && command -v apt-get >/dev/null; then
+  as_root=""
+  [ "$(id -u)" = 0 ] || as_root="sudo -n"
+  ($as_root apt-get update -qq && DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -qq catch2) >/dev/null || true
 fi
 if ! have_catch2 || ! command -v cmake >/dev/null; then
   if [ "${CI:-}" = "true" ]; then
