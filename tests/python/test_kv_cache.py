@@ -36,11 +36,23 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("n,sink,window", [(97, 8, 8), (40, 32, 32), (5, 32, 32)])
-def test_r_covering_middle_is_exact(n, sink, window):
-    keys, values = randn(2, 2, n, 16), randn(2, 2, n, 8)
+def test_r_covering_middle_is_exact(n, sink, window, device):
+    keys, values = randn(2, 2, n, 16, device=device), randn(2, 2, n, 8, device=device)
     cache = compress_kv_cache(keys, values, r=n, sink=sink, window=window, seed=0)
-    q = randn(2, 4, 1, 16)
+    q = randn(2, 4, 1, 16, device=device)
     torch.testing.assert_close(cache.attention(q).double(), exact(q, keys, values), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_gqa_decode_step_is_exact(device):
+    # The decode shape in miniature: bf16, E = D = 128, 4 query heads per kv head.
+    n = 600
+    keys = randn(1, 2, n, 128, dtype=torch.bfloat16, device=device)
+    values = randn(1, 2, n, 128, dtype=torch.bfloat16, device=device)
+    cache = compress_kv_cache(keys, values, r=n, seed=0)
+    q = randn(1, 8, 1, 128, dtype=torch.bfloat16, device=device)
+    out = cache.attention(q)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, exact(q, keys, values)) < 1e-2
 
 
 def test_layout_sink_coreset_window():
@@ -69,27 +81,27 @@ def test_compression_ratio_and_memory():
     assert full / cache.nbytes() > 4
 
 
-def test_signed_torch_path_matches_op():
+def test_signed_torch_path_matches_op(device):
     # The masked plain-PyTorch form (multi-token steps) and the compiled op agree on a real,
     # signed-weight coreset when the mask hides nothing.
-    keys, values = randn(2, 2, 400, 16), randn(2, 2, 400, 8)
+    keys, values = randn(2, 2, 400, 16, device=device), randn(2, 2, 400, 8, device=device)
     cache = compress_kv_cache(keys, values, r=24, sink=4, window=4, num_bins=2, seed=1)
     assert bool((cache.live()[2] < 0).any()), "expected some negative weights"
-    q = randn(2, 6, 3, 16)
+    q = randn(2, 6, 3, 16, device=device)
     k, v, w = cache.live()
-    visible = torch.ones(1, 1, 3, 5, dtype=torch.bool)
+    visible = torch.ones(1, 1, 3, 5, dtype=torch.bool, device=device)
     torch.testing.assert_close(weighted_attention(q, k, v, w, 0.25, cache.value_min, cache.value_max, visible),
                                decode_attention(q, k, v, w, 0.25, cache.value_min, cache.value_max),
                                atol=1e-5, rtol=1e-4)
 
 
-def test_append_multi_token_causal_is_exact():
+def test_append_multi_token_causal_is_exact(device):
     n, m = 120, 5
-    keys, values = randn(2, 2, n + m, 16), randn(2, 2, n + m, 8)
+    keys, values = randn(2, 2, n + m, 16, device=device), randn(2, 2, n + m, 8, device=device)
     cache = compress_kv_cache(keys[:, :, :n], values[:, :, :n], r=n, sink=8, window=8, seed=0)
     cache.append(keys[:, :, n:], values[:, :, n:])
-    q = randn(2, 4, m, 16)
-    causal = torch.ones(m, n + m, dtype=torch.bool).tril(diagonal=n)
+    q = randn(2, 4, m, 16, device=device)
+    causal = torch.ones(m, n + m, dtype=torch.bool, device=device).tril(diagonal=n)
     tail = causal[None, None, :, n:]
     out = cache.attention(q, tail_mask=tail)
     torch.testing.assert_close(out.double(), exact(q, keys, values, causal), atol=1e-5, rtol=1e-5)
@@ -165,12 +177,12 @@ ARCHS = {
 PROMPT, NEW = 160, 6
 
 
-def tiny_model(arch):
+def tiny_model(arch, device="cpu"):
     config_name, model_name, extra = ARCHS[arch]
     config = getattr(transformers, config_name)(
         vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024, **extra)
-    model = getattr(transformers, model_name)(config).eval()
+    model = getattr(transformers, model_name)(config).to(device).eval()
     model.set_attn_implementation(hf.register_cache_attention())
     model.generation_config.pad_token_id = 0
     return model
@@ -196,9 +208,9 @@ def test_generate_r_covering_prompt_reproduces_full_cache(arch):
 
 
 @needs_transformers
-def test_generate_compressed_runs_and_memory_falls():
-    model = tiny_model("llama")
-    ids = torch.randint(1, 97, (2, PROMPT))
+def test_generate_compressed_runs_and_memory_falls(device):
+    model = tiny_model("llama", device)
+    ids = torch.randint(1, 97, (2, PROMPT), device=device)
     cache = transformers.DynamicCache(config=model.config)
     with torch.no_grad():
         model(ids[:, :-1], past_key_values=cache)
