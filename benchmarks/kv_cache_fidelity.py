@@ -15,7 +15,9 @@ Two measurements, both relative Frobenius errors against the full (uncompressed)
    encoder layer and head on text sequences of 512 tokens. The encoder has at most 512 positions,
    so a prompt of N tokens is N/512 sequences' keys and values concatenated along the sequence
    (documented limitation: the concatenation has no positional order beyond 512), attended by 64
-   queries drawn from all positions. `attn` only (an encoder has no next token).
+   queries drawn from all positions. `attn` only (an encoder has no next token). Rows "R_q known"
+   compress with the largest norm of those queries as the query-norm bound instead of the
+   query-agnostic R_q = R_k: what not knowing the queries at compression time costs.
 
 Random weights make the Llama's attention flatter than a trained model's; the MiniLM part uses
 trained activations. Writes <out>.md and <out>.json.
@@ -185,7 +187,7 @@ def minilm_fidelity(args, device) -> list:
     for n in args.n:
         gen = torch.Generator().manual_seed(n)
         pick = torch.randperm(n, generator=gen)[:64].to(device)
-        labels = [f"r={r}" for r in args.r] + ["sink+window"]
+        labels = [f"r={r}" for r in args.r] + [f"r={r}, R_q known" for r in args.r] + ["sink+window"]
         errs = {label: [] for label in labels}
         for i in range(layers):
             q = acts[(i, "query")][:, :, pick]
@@ -194,6 +196,11 @@ def minilm_fidelity(args, device) -> list:
             for r in args.r:
                 cache = compress_kv_cache(k, v, r, args.num_bins, sink=args.sink, window=args.window, seed=i)
                 errs[f"r={r}"].append(rel_err(cache.attention(q, scale), want))
+                # The same with the queries' norm bound given (attention mode of §2.5): what
+                # not knowing the queries at compression time costs.
+                cache = compress_kv_cache(k, v, r, args.num_bins, sink=args.sink, window=args.window, seed=i,
+                                          query_norm=q.norm(dim=-1).amax(dim=-1))
+                errs[f"r={r}, R_q known"].append(rel_err(cache.attention(q, scale), want))
             errs["sink+window"].append(rel_err(sink_window_only(k, v, args.sink, args.window).attention(q, scale), want))
         for label in labels:
             rows.append({"source": "MiniLM", "N": n, "cache": label, "attn": sum(errs[label]) / layers, "logits": None})
