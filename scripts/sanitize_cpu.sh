@@ -29,6 +29,8 @@ cmake --build $build -j "${JOBS:-$(nproc)}" > "$logs/build.log" 2>&1 || { tail -
 
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=0:halt_on_error=1:detect_odr_violation=0
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+# this checkout's wildcat (its in-place build) writes the parity fixture, not an installed one
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 status=0
 # The parity fixture is written by Python (uninstrumented, no LD_PRELOAD needed: it does not load
 # the ASan library); the Catch2 executable itself is instrumented.

@@ -191,9 +191,10 @@ def _pivoted_cholesky(
         xp = x[batch, p]
         sp = s[batch, p]
         dp = torch.where(active, d[batch, p], torch.ones_like(sp))
-        # R_i(l) = G(x_p, x_l); the min(1, .) guards rounding of exp(-|x_p - x_l|^2 / 2)
-        row = torch.exp((x @ xp[:, :, None])[..., 0] - sp[:, None] / 2 - s / 2)
-        row = torch.clamp(row, max=1.0) * valid
+        # R_i(l) = G(x_p, x_l) = exp(-|x_p - x_l|^2 / 2) from squared differences, as the ops do:
+        # x_p·x_l - s_p/2 - s_l/2 cancels for nearby points, and with tol = 0 the inverse of an
+        # ill-conditioned G_SS amplifies that (fuzzing found kinv off by 2e-5, relative)
+        row = torch.exp(-((x - xp[:, None, :]) ** 2).sum(-1) / 2) * valid
         # bordering update of kinv = G_SS^-1: g = (kinv a, -1) / sqrt(d_p), kinv += g g^T
         a = rows[batch[:, None], torch.arange(i, device=dev)[None, :], p[:, None]]  # (B, i): R_j(p)
         g = torch.cat([(kinv[:, :i, :i] @ a[:, :, None])[..., 0], -x.new_ones(B, 1)], 1)
