@@ -29,7 +29,10 @@ PY
 # hypothesis drives tests/python/test_fuzz.py; a machine without network (the GPU machine) skips
 # that file, so a failed install of it alone is not an error
 if [ -n "$missing" ]; then
-  $PY -m pip install --quiet $missing || $PY -m pip install --quiet ${missing//hypothesis/}
+  if ! $PY -m pip install --quiet $missing; then
+    rest=${missing//hypothesis/}
+    [ -z "${rest// /}" ] || $PY -m pip install --quiet $rest
+  fi
 fi
 # Builds the CUDA kernels too when torch is a CUDA build and nvcc is found (setup.py).
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
