@@ -6,7 +6,11 @@
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <type_traits>
+
 #include "../../kernels/coreset_attention.cuh"
+#include "../../kernels/coreset_decode.cuh"
 #include "../checks.h"
 #include "cuda_utils.h"
 
@@ -67,6 +71,72 @@ void launch_simt(const at::Tensor& q, const at::Tensor& k, const at::Tensor& val
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The entries as (B, Hkv, r, ·) with a contiguous last dim, in type `type` (no copy when they are).
+at::Tensor entries_view(const at::Tensor& t, at::ScalarType type) {
+  const at::Tensor typed = t.scalar_type() == type ? t : t.to(type);
+  return typed.stride(-1) == 1 ? typed : typed.contiguous();
+}
+
+// Few queries per kv head (decoding): the entries of every kv head split over many CTAs
+// (csrc/kernels/coreset_decode.cuh). q (B, Hq, M, E) contiguous; k, values (B, Hkv, r, ·) and
+// weights (B, Hkv, r) may be strided views.
+template <typename scalar_t, typename T>
+void launch_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& values, const at::Tensor& weights,
+                   const std::optional<at::Tensor>& value_min, const std::optional<at::Tensor>& value_max,
+                   bool center_values, double beta, int64_t batch, int64_t q_heads, int64_t kv_heads, at::Tensor& out) {
+  using cuda_t = typename CudaType<scalar_t>::type;
+  const auto type = c10::CppTypeToScalarType<T>::value;
+  const at::Tensor keys = entries_view(k, q.scalar_type());
+  const at::Tensor v = entries_view(values, type), w = entries_view(weights, type);
+  const std::optional<at::Tensor> lo = as_type(value_min, type), hi = as_type(value_max, type);
+  const int64_t groups = batch * kv_heads, queries = q_heads / kv_heads * q.size(-2), r = k.size(-2);
+  // about two CTAs per SM, each a chunk of kDecodeMinChunk..kDecodeMaxChunk entries (its logits
+  // stay in shared memory): enough CTAs to hide the load latency, few enough chunks for the
+  // combine to sum quickly
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t target = std::max<int64_t>(1, (2 * sms + groups - 1) / groups);
+  const int64_t chunk = std::clamp<int64_t>((r + target - 1) / target, kernels::kDecodeMinChunk, kernels::kDecodeMaxChunk);
+  const int64_t splits = (r + chunk - 1) / chunk;
+  // per (group, split, query): the maximum, the denominator and the D numerators
+  at::Tensor part = at::empty({groups * splits * queries * (values.size(-1) + 2)}, q.options().dtype(type));
+  kernels::DecodeParams<cuda_t, T> p{};
+  p.query = device_ptr<scalar_t>(q);
+  p.keys = device_ptr<scalar_t>(keys);
+  p.values = v.const_data_ptr<T>();
+  p.weights = w.const_data_ptr<T>();
+  for (int d = 0; d < 3; ++d) {
+    p.key_stride[d] = keys.stride(d);
+    p.value_stride[d] = v.stride(d);
+    p.weight_stride[d] = w.stride(d);
+  }
+  p.value_min = lo ? lo->const_data_ptr<T>() : nullptr;
+  p.value_max = hi ? hi->const_data_ptr<T>() : nullptr;
+  p.center_values = center_values;
+  p.beta = beta;
+  p.kv_heads = kv_heads;
+  p.queries = queries;
+  p.entries = r;
+  p.e = q.size(-1);
+  p.dv = values.size(-1);
+  p.chunk = chunk;
+  p.splits = splits;
+  p.part_max = part.mutable_data_ptr<T>();
+  p.part_den = p.part_max + groups * splits * queries;
+  p.part_num = p.part_den + groups * splits * queries;
+  p.out = reinterpret_cast<cuda_t*>(out.mutable_data_ptr<scalar_t>());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const size_t smem = kernels::decode_smem_bytes<T>(queries, p.e, chunk);
+  auto split_kernel = kernels::coreset_decode_split<cuda_t, T>;
+  allow_shared_memory(split_kernel, smem);
+  split_kernel<<<groups * splits, kernels::kDecodeThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const size_t combine_smem = kernels::decode_combine_smem_bytes<T>(splits, p.dv);
+  auto combine_kernel = kernels::coreset_decode_combine<cuda_t, T>;
+  allow_shared_memory(combine_kernel, combine_smem);
+  combine_kernel<<<groups * queries, kernels::kCombineThreads, combine_smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename scalar_t>
 void attend_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& values, const at::Tensor& weights,
                   const std::optional<at::Tensor>& value_min, const std::optional<at::Tensor>& value_max,
@@ -74,6 +144,18 @@ void attend_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& va
   using cuda_t = typename CudaType<scalar_t>::type;
   const int64_t m = q.size(-2), e = q.size(-1), r = k.size(-2), dv = values.size(-1);
   const int64_t bh = batch * q_heads;
+  constexpr bool wide = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
+  using Acc = std::conditional_t<wide, double, float>;  // float32 accumulates in double, as below
+
+  if (q_heads / kv_heads * m <= kernels::kDecodeMaxQueries && e <= kernels::kDecodeMaxDim &&
+      dv <= kernels::kDecodeMaxDim && r > 0 &&
+      kernels::decode_smem_bytes<Acc>(q_heads / kv_heads * m, e, kernels::kDecodeMaxChunk) <= max_shared_memory() &&
+      kernels::decode_combine_smem_bytes<Acc>((r + kernels::kDecodeMaxChunk - 1) / kernels::kDecodeMaxChunk, dv) <=
+          max_shared_memory()) {
+    launch_decode<scalar_t, Acc>(q, k, values, weights, value_min, value_max, center_values, beta, batch, q_heads,
+                                 kv_heads, out);
+    return;
+  }
 
   // The tensor-core path multiplies P V̂ in TF32, whose 10-bit mantissa is below bfloat16's
   // output rounding but as coarse as float16's: float16 measured up to 2.1x the float32 oracle's
@@ -138,7 +220,7 @@ at::Tensor coreset_attention_cuda(const at::Tensor& query, const at::Tensor& cor
   at::Tensor out = at::empty({batch, q_heads, m, dv}, query.options());
   if (out.numel() == 0) return out.view(out_shape);
   const at::Tensor q = query.reshape({batch, q_heads, m, e}).contiguous();
-  const at::Tensor k = core_keys.reshape({batch, kv_heads, r, e}).contiguous();
+  const at::Tensor k = core_keys.reshape({batch, kv_heads, r, e});
   const at::Tensor v = core_values.reshape({batch, kv_heads, r, dv});
   const at::Tensor w = core_weights.reshape({batch, kv_heads, r});
   std::optional<at::Tensor> lo, hi;
