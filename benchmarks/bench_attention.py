@@ -237,7 +237,7 @@ def run_bench(args, device, dtype, meta):
                     opts = dict(tau=args.tau, center_values=args.center_values)
                     if "wildcat" in args.methods:
                         record("wildcat", setting, lambda: wildcat.scaled_dot_product_attention(
-                            q, k, v, enable_gqa=gqa, r=r, num_bins=bins, seed=args.seed, **opts), r, bins)
+                            q, k, v, enable_gqa=gqa, r=r, num_bins=bins, seed=args.seed, min_seq_len=0, **opts), r, bins)
                     if args.phases:
                         # The two phases as the function runs them (query norm included in compress),
                         # so the attention phase's bandwidth can be read off on its own.
@@ -287,7 +287,7 @@ def run_tau(args, device, dtype):
                             for tau in ("lambert", "constant"):
                                 out = wildcat.scaled_dot_product_attention(
                                     q, k, v, enable_gqa=Hkv != H, r=r, num_bins=bins, seed=s, tau=tau,
-                                    center_values=center)
+                                    center_values=center, min_seq_len=0)
                                 errs.setdefault((r, bins, center, tau), []).append(errors(out, exact)["rel_fro"])
             for r in args.r:
                 for bins in args.num_bins:

@@ -30,9 +30,13 @@ TORCH_LIBRARY(wildcat, m) {
   // query_norm (...): R_q per group (attention mode); None: R_q = R_k per bin (query-agnostic).
   // scale: softmax scale β, default 1/sqrt(E). tau: "lambert" (closed form) or "constant".
   // center_values: compress V - (v_min + v_max)/2; coreset_attention must then add it back.
+  // lengths (...) int64: only the first lengths[g] keys of group g exist (key padding); the bins
+  //   split those, value bounds and mean cover those, and the slots they cannot fill get zero
+  //   weight and value and the index of a kept key (0 for an empty group, whose bounds are 0).
+  //   Values must lie in [0, N] (checked on the CPU; clamped by the CUDA kernels).
   m.def("compress_kv(Tensor keys, Tensor values, int rank, int num_bins=1, float? scale=None, "
         "Tensor? query_norm=None, Tensor? seed=None, str tau=\"lambert\", bool center_values=False, "
-        "float tol=1e-05) -> (Tensor core_keys, Tensor core_values, Tensor core_weights, "
+        "float tol=1e-05, Tensor? lengths=None) -> (Tensor core_keys, Tensor core_values, Tensor core_weights, "
         "Tensor core_indices, Tensor value_min, Tensor value_max)",
         {at::Tag::pt2_compliant_tag});
 

@@ -72,7 +72,7 @@ def main():
     # r >= N: every key is kept with weight 1, so WildCat is exact attention (up to rounding).
     g = torch.Generator(device=device).manual_seed(1)
     small = [torch.randn(1, 2, 64, E, generator=g, device=device) for _ in range(3)]
-    diff = (wildcat.scaled_dot_product_attention(*small, r=64, seed=0) - exact_fp32(*small)).abs().max().item()
+    diff = (wildcat.scaled_dot_product_attention(*small, r=64, seed=0, min_seq_len=0) - exact_fp32(*small)).abs().max().item()
     print(f"r >= N check (N=64, r=64, fp32): max |wildcat - exact| = {diff:.1e}\n")
 
     q, k, v = (torch.randn(B, H, N, E, generator=g, device=device).to(dtype) for _ in range(3))
@@ -80,7 +80,8 @@ def main():
     results = [("torch SDPA (exact)", *timed(lambda: F.scaled_dot_product_attention(q, k, v)))]
     for bins in ((1, 16, 64) if cuda else (1, 16)):
         results.append((f"wildcat r=128 bins={bins}", *timed(
-            lambda: wildcat.scaled_dot_product_attention(q, k, v, r=128, num_bins=bins, seed=0))))
+            lambda: wildcat.scaled_dot_product_attention(q, k, v, r=128, num_bins=bins, seed=0,
+                                                 min_seq_len=0))))
     sdpa_ms = results[0][2]
 
     print(f"{'method':<24}{'time ms':>10}{'speed-up':>10}{'rel Frob err':>14}{'max-abs err':>13}")

@@ -27,10 +27,18 @@ def main() -> int:
         q = torch.randn(1, hq, m, e, device=dev).to(dtype)
         k = torch.randn(1, hkv, n, e, device=dev).to(dtype)
         v = torch.randn(1, hkv, n, dv, device=dev).to(dtype)
-        out = wildcat.scaled_dot_product_attention(q, k, v, enable_gqa=True, r=r, num_bins=bins, seed=1)
+        out = wildcat.scaled_dot_product_attention(q, k, v, enable_gqa=True, r=r, num_bins=bins, seed=1,
+                                                   min_seq_len=0)
+        failures += not bool(torch.isfinite(out).all())
+        # key padding: a full row, a short one, an empty one (bins without keys)
+        mask = torch.arange(n, device=dev) < torch.tensor([[n], [n // 3], [0]], device=dev)
+        out = wildcat.scaled_dot_product_attention(q.expand(3, -1, -1, -1), k.expand(3, -1, -1, -1),
+                                                   v.expand(3, -1, -1, -1), attn_mask=mask[:, None, None, :],
+                                                   enable_gqa=True, r=r, num_bins=bins, seed=1, min_seq_len=0)
         failures += not bool(torch.isfinite(out).all())
     duplicates = torch.randn(3, 64, device=dev)[torch.arange(500, device=dev) % 3].reshape(1, 1, 500, 64)
-    out = wildcat.scaled_dot_product_attention(duplicates, duplicates, duplicates, r=32, seed=2)  # early stop
+    out = wildcat.scaled_dot_product_attention(duplicates, duplicates, duplicates, r=32, seed=2,
+                                               min_seq_len=0)  # early stop
     failures += not bool(torch.isfinite(out).all())
     pivots, kinv, rows = wildcat.ops.rp_nystrom(torch.randn(2, 150, 8, device=dev) * 0.5, 12, seed=3)
     failures += not bool(torch.isfinite(kinv).all() and torch.isfinite(rows).all())

@@ -11,7 +11,13 @@ from . import _C  # noqa: F401  (registers the ops)
 from . import _fake  # noqa: F401
 from . import ops, reference
 from ._types import DEFAULT_TAU, DEFAULT_TOL, CompressedKV
-from .functional import compress_kv, coreset_attention, draw_seed, scaled_dot_product_attention
+from .functional import (
+    DEFAULT_MIN_SEQ_LEN,
+    compress_kv,
+    coreset_attention,
+    draw_seed,
+    scaled_dot_product_attention,
+)
 from .nn import WildCat
 from .patching import Patch, patch
 from .reference import query_norm_per_kv_head
@@ -19,6 +25,7 @@ from .reference import query_norm_per_kv_head
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_MIN_SEQ_LEN",
     "DEFAULT_TAU",
     "DEFAULT_TOL",
     "CompressedKV",

@@ -42,7 +42,7 @@ def _rp_nystrom_fake(points, rank, seed=None, tol=1e-5):
 
 @torch.library.register_fake("wildcat::compress_kv")
 def _compress_kv_fake(keys, values, rank, num_bins=1, scale=None, query_norm=None, seed=None,
-                      tau="lambert", center_values=False, tol=1e-5):
+                      tau="lambert", center_values=False, tol=1e-5, lengths=None):
     torch._check(keys.dim() >= 2, lambda: f"wildcat.compress_kv: keys must be (..., N, E), got {tuple(keys.shape)}")
     torch._check(values.dim() == keys.dim(), lambda: "wildcat.compress_kv: values must have the rank of keys")
     torch._check(keys.shape[:-1] == values.shape[:-1],
@@ -50,6 +50,12 @@ def _compress_kv_fake(keys, values, rank, num_bins=1, scale=None, query_norm=Non
     torch._check(keys.dtype == values.dtype, lambda: "wildcat.compress_kv: keys and values must have one dtype")
     torch._check(keys.device == values.device, lambda: "wildcat.compress_kv: keys and values must be on one device")
     _check_seed("compress_kv", seed, keys)
+    if lengths is not None:
+        torch._check(lengths.dtype == torch.int64,
+                     lambda: f"wildcat.compress_kv: lengths must be an int64 tensor, got {lengths.dtype}")
+        torch._check(lengths.shape == keys.shape[:-2],
+                     lambda: f"wildcat.compress_kv: lengths must have the leading dims of keys {tuple(keys.shape[:-2])}, "
+                             f"got {tuple(lengths.shape)}")
     torch._check(rank >= 1, lambda: f"wildcat.compress_kv: r (rank) must be >= 1, got {rank}")
     lead, (n, e), dv = keys.shape[:-2], keys.shape[-2:], values.shape[-1]
     kept = torch.sym_min(rank, n)

@@ -3,6 +3,7 @@ and the two phases (compress_kv, coreset_attention) for callers that reuse a com
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -12,9 +13,27 @@ from . import ops
 from ._types import DEFAULT_TAU, DEFAULT_TOL, CompressedKV
 from .reference import query_norm_per_kv_head
 
-__all__ = ["compress_kv", "coreset_attention", "draw_seed", "scaled_dot_product_attention"]
+__all__ = [
+    "DEFAULT_MIN_SEQ_LEN",
+    "compress_kv",
+    "coreset_attention",
+    "draw_seed",
+    "scaled_dot_product_attention",
+]
 
 _SEED_HIGH = 2**63 - 1
+
+# Below this many keys, scaled_dot_product_attention runs exact attention: it is faster there.
+# The crossover with cuDNN on the H100 (bf16, 32 heads, r = 128, num_bins = 16) lies between
+# N = 4,096 (WildCat 0.43x) and N = 16,384 (2.7x): benchmarks/results/h100_suite.md.
+DEFAULT_MIN_SEQ_LEN = 8192
+
+FALLBACKS = ("sdpa", "error")
+
+# torch's own SDPA, bound at import: wildcat.patch() may replace the attribute of
+# torch.nn.functional later, and the exact fallback must never call back into wildcat.
+_torch_sdpa = torch.nn.functional.scaled_dot_product_attention
+_warned: set = set()
 
 
 def draw_seed(
@@ -69,6 +88,38 @@ def _check_tensor(name: str, t) -> None:
         raise TypeError(f"wildcat: {name} must be a torch.Tensor, got {type(t).__name__}")
 
 
+def _check_key_mask(op: str, key_mask, keys: Tensor) -> Tensor:
+    _check_tensor("key_mask", key_mask)
+    if key_mask.dtype != torch.bool:
+        raise TypeError(f"wildcat.{op}: key_mask must be a bool tensor (True = keep), got {key_mask.dtype}")
+    if key_mask.device != keys.device:
+        raise RuntimeError(f"wildcat.{op}: key_mask is on {key_mask.device} but keys are on {keys.device}")
+    try:
+        return key_mask.expand(keys.shape[:-1])
+    except RuntimeError:
+        raise ValueError(
+            f"wildcat.{op}: key_mask {tuple(key_mask.shape)} does not broadcast to the keys' "
+            f"(..., N) = {tuple(keys.shape[:-1])}"
+        ) from None
+
+
+def _compress_masked(keys: Tensor, values: Tensor, key_mask: Tensor, compress) -> CompressedKV:
+    """Compress only the keys where key_mask (..., N) is True: move them, in order, to the front
+    of each group (a stable partition without host synchronisation), compress the first
+    `lengths` keys of every group, and map the pivots back to the original positions."""
+    n, e, dv = keys.shape[-2], keys.shape[-1], values.shape[-1]
+    keep = key_mask.to(torch.int64)
+    lengths = keep.sum(-1)
+    destination = torch.where(key_mask, keep.cumsum(-1) - 1, lengths[..., None] + (1 - keep).cumsum(-1) - 1)
+    source = torch.arange(n, device=keys.device).expand_as(destination)
+    order = torch.empty_like(destination).scatter_(-1, destination, source)  # order[j]: origin of slot j
+    packed_keys = keys.gather(-2, order[..., None].expand(*order.shape, e))
+    packed_values = values.gather(-2, order[..., None].expand(*order.shape, dv))
+    kv = compress(packed_keys, packed_values, lengths)
+    indices = order.gather(-1, kv.core_indices)
+    return kv._replace(core_indices=indices)
+
+
 def compress_kv(
     keys: Tensor,
     values: Tensor,
@@ -82,20 +133,32 @@ def compress_kv(
     tol: float = DEFAULT_TOL,
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
+    key_mask: Optional[Tensor] = None,
 ) -> CompressedKV:
     """Compress keys (..., N, E) and values (..., N, D) into a weighted coreset of min(r, N)
     entries per leading index (ALGORITHM.md §2).
 
     query_norm (...): the largest norm of the queries that will attend (sets the temperature);
-    omit it for query-agnostic compression, e.g. of a KV cache. See :class:`CompressedKV`.
+    omit it for query-agnostic compression, e.g. of a KV cache. key_mask: bool, broadcastable to
+    (..., N), True = the key exists; masked keys never enter a coreset nor the value bounds, and
+    the kept keys are binned as if they were the whole sequence. core_indices are positions in
+    the original sequence. See :class:`CompressedKV`.
     """
     _check_tensor("keys", keys)
     _check_tensor("values", values)
     _check_int("r", r, 1)
     _check_int("num_bins", num_bins, 1)
     _check_scale(scale)
-    return ops.compress_kv(keys, values, r, num_bins, scale, query_norm,
-                           draw_seed(seed, generator, keys.device), tau, center_values, tol)
+    seed_t = draw_seed(seed, generator, keys.device)
+
+    def compress(k: Tensor, v: Tensor, lengths: Optional[Tensor]) -> CompressedKV:
+        return ops.compress_kv(k, v, r, num_bins, scale, query_norm, seed_t, tau, center_values, tol, lengths)
+
+    if key_mask is None:
+        return compress(keys, values, None)
+    if keys.dim() < 2 or values.shape[:-1] != keys.shape[:-1]:
+        return compress(keys, values, None)  # the op raises its shape error
+    return _compress_masked(keys, values, _check_key_mask("compress_kv", key_mask, keys), compress)
 
 
 def coreset_attention(
@@ -112,6 +175,40 @@ def coreset_attention(
     _check_scale(scale)
     return ops.coreset_attention(query, kv.core_keys, kv.core_values, kv.core_weights, scale,
                                  kv.value_min, kv.value_max, center_values)
+
+
+def _key_padding_mask(attn_mask: Tensor, query: Tensor, kv_heads: Optional[int]) -> Optional[Tensor]:
+    """attn_mask as a per-kv-head key mask (..., Hkv, N), or None when it is not a boolean
+    key-padding mask that WildCat can apply natively: a float mask, a mask that differs between
+    queries (its M dim is not 1), or one that differs between query heads sharing a kv head."""
+    if attn_mask.dtype != torch.bool or attn_mask.dim() > query.dim():
+        return None
+    if attn_mask.dim() >= 2 and attn_mask.shape[-2] != 1:
+        return None
+    mask = attn_mask.reshape((1,) * (query.dim() - attn_mask.dim()) + tuple(attn_mask.shape))
+    mask = mask.squeeze(-2) if mask.dim() >= 2 else mask  # (..., H or 1, N)
+    if kv_heads is not None and mask.dim() >= 2:
+        heads = mask.shape[-2]
+        if heads not in (1, kv_heads):  # per query head under GQA: may differ within a kv group
+            return None
+    return mask
+
+
+def _fallback(reason: str, fallback: str) -> None:
+    """Apply the fallback policy for an input WildCat does not approximate natively."""
+    if fallback == "error":
+        raise NotImplementedError(
+            f"wildcat.scaled_dot_product_attention: {reason} is not supported by WildCat "
+            "(pass fallback='sdpa' to run exact attention instead)"
+        )
+    if reason not in _warned and not torch.compiler.is_compiling():
+        _warned.add(reason)
+        warnings.warn(
+            f"wildcat.scaled_dot_product_attention: {reason} is not supported by WildCat; running exact "
+            "torch.nn.functional.scaled_dot_product_attention instead (fallback='sdpa'; this warning is "
+            "shown once per reason; pass fallback='error' to raise)",
+            stacklevel=3,
+        )
 
 
 def scaled_dot_product_attention(
@@ -131,6 +228,8 @@ def scaled_dot_product_attention(
     tau: str = DEFAULT_TAU,
     center_values: bool = False,
     tol: float = DEFAULT_TOL,
+    fallback: str = "sdpa",
+    min_seq_len: Optional[int] = None,
 ) -> Tensor:
     """WildCat attention with the signature of torch.nn.functional.scaled_dot_product_attention.
 
@@ -140,19 +239,30 @@ def scaled_dot_product_attention(
     With enable_gqa=True, Hq may be a multiple of Hkv; each kv head is compressed once, with the
     largest query norm of all query heads sharing it. r >= N gives exact attention.
 
-    Not supported yet (they raise NotImplementedError, never ignored): attn_mask, is_causal=True,
-    dropout_p > 0. Randomness: see :func:`draw_seed` (seed, generator).
+    attn_mask: a boolean key-padding mask (True = attend) broadcastable to (..., 1, 1, N) or
+    (..., H, 1, N) is applied natively: masked keys never enter a coreset. A query whose keys are
+    all masked gets 0 (SDPA gives NaN). Any other mask (per query, additive float) and
+    is_causal=True follow `fallback`: "sdpa" runs exact SDPA (warning once per reason), "error"
+    raises NotImplementedError. dropout_p must be 0: WildCat is an inference method.
+
+    min_seq_len: with fewer keys than this, exact SDPA runs instead (it is faster there); None
+    means DEFAULT_MIN_SEQ_LEN, 0 always runs WildCat. Randomness: see :func:`draw_seed`.
     """
-    if attn_mask is not None:
-        raise NotImplementedError("wildcat.scaled_dot_product_attention: attn_mask is not supported yet")
-    if is_causal:
-        raise NotImplementedError("wildcat.scaled_dot_product_attention: is_causal=True is not supported yet")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"wildcat.scaled_dot_product_attention: fallback must be one of {FALLBACKS}, got {fallback!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"wildcat.scaled_dot_product_attention: dropout_p must be a float, got {type(dropout_p).__name__}")
     if dropout_p != 0.0:
-        raise NotImplementedError(
+        raise ValueError(
             f"wildcat.scaled_dot_product_attention: dropout_p must be 0 (WildCat is an inference method), got {dropout_p}"
         )
+    if min_seq_len is None:
+        min_seq_len = DEFAULT_MIN_SEQ_LEN
+    _check_int("min_seq_len", min_seq_len, 0)
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t)
+    if attn_mask is not None:
+        _check_tensor("attn_mask", attn_mask)
     _check_int("r", r, 1)
     _check_int("num_bins", num_bins, 1)
     _check_scale(scale)
@@ -172,6 +282,10 @@ def scaled_dot_product_attention(
         raise RuntimeError(
             "wildcat.scaled_dot_product_attention: query, key and value must be on one device, got "
             f"{query.device}, {key.device}, {value.device}"
+        )
+    if attn_mask is not None and attn_mask.device != query.device:
+        raise RuntimeError(
+            f"wildcat.scaled_dot_product_attention: attn_mask is on {attn_mask.device} but query is on {query.device}"
         )
     if key.shape[:-1] != value.shape[:-1]:
         raise ValueError(
@@ -202,8 +316,47 @@ def scaled_dot_product_attention(
             )
     else:
         kv_heads = None
+    if attn_mask is not None:
+        full = (*query.shape[:-1], key.shape[-2])
+        try:
+            torch.broadcast_shapes(attn_mask.shape, full)
+        except RuntimeError:
+            raise ValueError(
+                f"wildcat.scaled_dot_product_attention: attn_mask {tuple(attn_mask.shape)} does not broadcast to "
+                f"(..., Hq, M, N) = {full}"
+            ) from None
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            raise TypeError(
+                "wildcat.scaled_dot_product_attention: attn_mask must be bool or the query's dtype "
+                f"{query.dtype}, got {attn_mask.dtype}"
+            )
+
+    def exact() -> Tensor:
+        return _torch_sdpa(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                           enable_gqa=enable_gqa)
+
+    if is_causal:
+        _fallback("is_causal=True", fallback)
+        return exact()
+    key_mask = None
+    if attn_mask is not None:
+        key_mask = _key_padding_mask(attn_mask, query, kv_heads)
+        if key_mask is None:
+            _fallback("an attn_mask that is not a boolean key-padding mask (per-query, per-query-head "
+                      "under GQA, or additive float)", fallback)
+            return exact()
+    if key.shape[-2] < min_seq_len:
+        return exact()
+
     q_norm = query_norm_per_kv_head(query, kv_heads)
-    core = ops.compress_kv(key, value, r, num_bins, scale, q_norm, draw_seed(seed, generator, key.device),
-                           tau, center_values, tol)
+    seed_t = draw_seed(seed, generator, key.device)
+
+    def compress(k: Tensor, v: Tensor, lengths: Optional[Tensor]) -> CompressedKV:
+        return ops.compress_kv(k, v, r, num_bins, scale, q_norm, seed_t, tau, center_values, tol, lengths)
+
+    if key_mask is None:
+        core = compress(key, value, None)
+    else:
+        core = _compress_masked(key, value, key_mask.expand(key.shape[:-1]), compress)
     return ops.coreset_attention(query, core.core_keys, core.core_values, core.core_weights, scale,
                                  core.value_min, core.value_max, center_values)

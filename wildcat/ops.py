@@ -40,11 +40,13 @@ def compress_kv(
     tau: str = DEFAULT_TAU,
     center_values: bool = False,
     tol: float = DEFAULT_TOL,
+    lengths: Optional[Tensor] = None,
 ) -> CompressedKV:
-    """Weighted coreset of keys (..., N, E) and values (..., N, D), per leading index."""
+    """Weighted coreset of keys (..., N, E) and values (..., N, D), per leading index; with
+    `lengths` (..., int64), only the first lengths[...] keys of each group exist."""
     return CompressedKV(
         *torch.ops.wildcat.compress_kv(keys, values, rank, num_bins, scale, query_norm, _seed_tensor(seed), tau,
-                                       center_values, tol)
+                                       center_values, tol, lengths)
     )
 
 

@@ -256,13 +256,20 @@ def compress_kv(
     center_values: bool = False,
     tol: float = DEFAULT_TOL,
     core_indices: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+    group_offset: int = 0,
 ) -> CompressedKV:
     """Compress keys (..., N, E) and values (..., N, D) of every group into a weighted coreset.
 
     query_norm (...,): R_q, the largest query norm of each group (attention mode); None for
     query-agnostic compression (R_q = R_k per bin). core_indices: pivots to use instead of
     sampling (as returned by a previous call), to compare arithmetic with the sampling fixed.
+    lengths (...,): only the first lengths[g] keys of group g exist (the op's key padding).
+    group_offset: the index of the first group in the random stream (used by `lengths`).
     """
+    if lengths is not None:
+        return _compress_lengths(keys, values, rank, num_bins, scale, query_norm, seed, tau, center_values,
+                                 tol, core_indices, lengths)
     lead = keys.shape[:-2]
     n, e = keys.shape[-2:]
     dv = values.shape[-1]
@@ -319,7 +326,7 @@ def compress_kv(
         x,
         valid.repeat(groups, 1),
         steps,
-        torch.arange(groups, device=dev).repeat_interleave(num_bins),
+        group_offset + torch.arange(groups, device=dev).repeat_interleave(num_bins),
         torch.tensor(starts, device=dev).repeat(groups),
         seed,
         tol,
@@ -358,6 +365,63 @@ def compress_kv(
         indices.reshape(*lead, kept),
         value_min.reshape(*lead, dv),
         value_max.reshape(*lead, dv),
+    )
+
+
+def _compress_lengths(keys, values, rank, num_bins, scale, query_norm, seed, tau, center_values, tol,
+                      core_indices, lengths) -> CompressedKV:
+    """compress_kv with key padding: each group g is compressed alone on its first lengths[g]
+    keys (as group g of the random stream), then laid out in the op's slots: min(r, N) of them,
+    bin b's entries from slot balanced_start(min(r, N), C, b); slots a short group cannot fill get
+    weight 0, value 0 and the index of the bin's first key (0 for an empty bin)."""
+    lead = keys.shape[:-2]
+    n, e = keys.shape[-2:]
+    dv = values.shape[-1]
+    groups = math.prod(lead)
+    acc = _acc_dtype(keys.dtype)
+    kept = min(rank, n)
+    k_all, v_all = keys.reshape(groups, n, e), values.reshape(groups, n, dv)
+    counts = lengths.reshape(groups).tolist()
+    out_keys = keys.new_zeros(groups, kept, e)
+    out_values = torch.zeros(groups, kept, dv, dtype=acc, device=keys.device)
+    out_weights = torch.zeros(groups, kept, dtype=acc, device=keys.device)
+    out_indices = torch.zeros(groups, kept, dtype=torch.int64, device=keys.device)
+    out_min = torch.zeros(groups, dv, dtype=acc, device=keys.device)
+    out_max = torch.zeros(groups, dv, dtype=acc, device=keys.device)
+    for g, count in enumerate(counts):
+        if count == 0:
+            out_keys[g] = k_all[g, 0]
+            continue
+        qn = None if query_norm is None else query_norm.reshape(groups)[g]
+        forced = None if core_indices is None else core_indices.reshape(groups, kept)[g, : min(rank, count)]
+        if forced is not None and count < rank:
+            forced = None  # every bin is kept exactly: nothing is sampled
+        sub = compress_kv(k_all[g, :count], v_all[g, :count], rank, num_bins, scale, qn, seed, tau,
+                          center_values, tol, forced, group_offset=g)
+        out_min[g], out_max[g] = sub.value_min, sub.value_max
+        if count >= rank:  # the same slots as the op's
+            out_keys[g], out_values[g], out_weights[g], out_indices[g] = (
+                sub.core_keys, sub.core_values, sub.core_weights, sub.core_indices)
+            continue
+        taken = 0  # every bin is kept exactly; spread the bins over the op's slot layout
+        for b, (length, room) in enumerate(zip(balanced_sizes(count, num_bins), balanced_sizes(kept, num_bins))):
+            first = sum(balanced_sizes(kept, num_bins)[:b])
+            span = slice(first, first + length)
+            out_keys[g, span] = sub.core_keys[taken : taken + length]
+            out_values[g, span] = sub.core_values[taken : taken + length]
+            out_weights[g, span] = sub.core_weights[taken : taken + length]
+            out_indices[g, span] = sub.core_indices[taken : taken + length]
+            pad = sub.core_indices[taken] if length > 0 else 0
+            out_indices[g, first + length : first + room] = pad
+            out_keys[g, first + length : first + room] = k_all[g, pad]
+            taken += length
+    return CompressedKV(
+        out_keys.reshape(*lead, kept, e),
+        out_values.reshape(*lead, kept, dv),
+        out_weights.reshape(*lead, kept),
+        out_indices.reshape(*lead, kept),
+        out_min.reshape(*lead, dv),
+        out_max.reshape(*lead, dv),
     )
 
 

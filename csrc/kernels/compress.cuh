@@ -35,6 +35,14 @@ __device__ __forceinline__ uint64_t load_seed(const SeedRef& s) {
   return s.device_ptr != nullptr ? static_cast<uint64_t>(*s.device_ptr) : s.value;
 }
 
+// The number of keys of group g: all N, or its entry of compress_kv's `lengths` clamped to [0, N]
+// (checking the values would cost a host synchronisation).
+__device__ __forceinline__ int64_t group_length(const int64_t* lengths, int64_t g, int64_t n) {
+  if (lengths == nullptr) return n;
+  const int64_t valid = lengths[g];
+  return valid < 0 ? 0 : (valid > n ? n : valid);
+}
+
 template <typename T>
 __device__ __forceinline__ T to_acc(T v) {
   return v;
@@ -50,6 +58,7 @@ template <typename scalar_t>
 struct StatsParams {
   const scalar_t* keys;    // (G, N, E)
   const scalar_t* values;  // (G, N, D)
+  const int64_t* lengths;  // (G) keys per group, or null: N
   int64_t n, e, dv, splits, chunk;
   double* key_sum;         // (G, splits, E)
   double* value_min;       // (G, splits, D)
@@ -62,7 +71,8 @@ __global__ void group_stats_partial_kernel(StatsParams<scalar_t> p) {
   __shared__ double scratch[3][8][32];
   const int64_t g = blockIdx.x, split = blockIdx.y;
   const int64_t first = split * p.chunk;
-  const int64_t last = first + p.chunk < p.n ? first + p.chunk : p.n;
+  const int64_t valid = group_length(p.lengths, g, p.n);
+  const int64_t last = first + p.chunk < valid ? first + p.chunk : valid;
   const int64_t out = (g * p.splits + split);
   const int64_t cols = p.e > p.dv ? p.e : p.dv;
   for (int64_t c0 = 0; c0 < cols; c0 += 32) {
@@ -101,6 +111,7 @@ struct StatsFinalizeParams {
   const double* key_sum;
   const double* value_min;
   const double* value_max;
+  const int64_t* lengths;
   int64_t n, e, dv, splits;
   float* key_mean;  // (G, E)
   T* out_min;       // (G, D)
@@ -110,10 +121,11 @@ struct StatsFinalizeParams {
 template <typename T>
 __global__ void group_stats_finalize_kernel(StatsFinalizeParams<T> p) {
   const int64_t g = blockIdx.x;
+  const int64_t valid = group_length(p.lengths, g, p.n);
   for (int64_t c = threadIdx.x; c < p.e; c += blockDim.x) {
     double sum = 0;
     for (int64_t s = 0; s < p.splits; ++s) sum += p.key_sum[(g * p.splits + s) * p.e + c];
-    p.key_mean[g * p.e + c] = static_cast<float>(sum / static_cast<double>(p.n));
+    p.key_mean[g * p.e + c] = valid > 0 ? static_cast<float>(sum / static_cast<double>(valid)) : 0.0f;
   }
   for (int64_t c = threadIdx.x; c < p.dv; c += blockDim.x) {
     double lo = DBL_MAX, hi = -DBL_MAX;
@@ -123,8 +135,9 @@ __global__ void group_stats_finalize_kernel(StatsFinalizeParams<T> p) {
       lo = a < lo ? a : lo;
       hi = b > hi ? b : hi;
     }
-    p.out_min[g * p.dv + c] = static_cast<T>(lo);
-    p.out_max[g * p.dv + c] = static_cast<T>(hi);
+    // a group without keys: bounds [0, 0], so its (empty) attention output is 0
+    p.out_min[g * p.dv + c] = valid > 0 ? static_cast<T>(lo) : T(0);
+    p.out_max[g * p.dv + c] = valid > 0 ? static_cast<T>(hi) : T(0);
   }
 }
 
@@ -139,6 +152,7 @@ struct PivotParams {
   const scalar_t* points;     // (G, N, E): keys, or rp_nystrom's points
   const float* key_mean;      // (G, E); null: the points are used as given (rp_nystrom)
   const T* query_norm;        // (G) or null (R_q = R_k, query-agnostic)
+  const int64_t* lengths;     // (G) keys per group, or null: N
   int64_t n, e, num_bins, rank, slots_max, length_max;
   double beta;
   TauMode tau;
@@ -231,9 +245,10 @@ template <typename scalar_t, typename T, int kThreads>
 __global__ void __launch_bounds__(kThreads) pivot_kernel(PivotParams<scalar_t, T> p) {
   const int64_t gb = blockIdx.x;
   const int64_t g = gb / p.num_bins, b = gb % p.num_bins;
-  const int64_t length = balanced_size(p.n, p.num_bins, b);
+  const int64_t valid = group_length(p.lengths, g, p.n);
+  const int64_t length = balanced_size(valid, p.num_bins, b);
   const int64_t slots = balanced_size(p.rank, p.num_bins, b);
-  const int64_t start = balanced_start(p.n, p.num_bins, b);
+  const int64_t start = balanced_start(valid, p.num_bins, b);
   const int64_t e = p.e;
   if (length <= slots && !p.sample_all) {  // kept exactly (§2.4): nothing to sample
     if (threadIdx.x == 0) p.counts[gb] = -1;
@@ -384,6 +399,7 @@ struct WeightsParams {
   const double* sq_norm;
   const double* max_sq_norm;
   const int32_t* counts;
+  const int64_t* lengths;     // (G) keys per group, or null: N
   int64_t n, dv, num_bins, slots_max, length_max, chunk, chunks_max;
   double* partial;            // (G*C, chunks_max, slots_max, D + 1)
 };
@@ -399,8 +415,9 @@ __global__ void __launch_bounds__(kThreads) weights_partial_kernel(WeightsParams
   const int64_t g = gb / p.num_bins, b = gb % p.num_bins;
   const int64_t k = p.counts[gb];
   if (k <= 0) return;
-  const int64_t length = balanced_size(p.n, p.num_bins, b);
-  const int64_t start = balanced_start(p.n, p.num_bins, b);
+  const int64_t valid = group_length(p.lengths, g, p.n);
+  const int64_t length = balanced_size(valid, p.num_bins, b);
+  const int64_t start = balanced_start(valid, p.num_bins, b);
   const int64_t first = chunk * p.chunk;
   if (first >= length) return;
   const int64_t len = first + p.chunk < length ? p.chunk : length - first;
@@ -443,6 +460,7 @@ struct FinalizeParams {
   const int32_t* counts;
   const T* value_min;         // (G, D)
   const T* value_max;
+  const int64_t* lengths;     // (G) keys per group, or null: N
   bool center_values;
   int64_t n, dv, rank, num_bins, kept, slots_max, length_max, chunk, chunks_max;
   double* rhs;                // (G*C, slots_max, D + 1) workspace
@@ -455,10 +473,11 @@ template <typename scalar_t, typename T, int kThreads>
 __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeParams<scalar_t, T> p) {
   const int64_t gb = blockIdx.x;
   const int64_t g = gb / p.num_bins, b = gb % p.num_bins;
-  const int64_t length = balanced_size(p.n, p.num_bins, b);
+  const int64_t valid = group_length(p.lengths, g, p.n);
+  const int64_t length = balanced_size(valid, p.num_bins, b);
   const int64_t slots = balanced_size(p.rank, p.num_bins, b);
-  const int64_t start = balanced_start(p.n, p.num_bins, b);
-  const int64_t first_slot = balanced_start(p.rank <= p.n ? p.rank : p.n, p.num_bins, b);
+  const int64_t start = balanced_start(valid, p.num_bins, b);
+  const int64_t first_slot = balanced_start(p.kept, p.num_bins, b);
   const int64_t dv = p.dv, cols = dv + 1;
   T* core_values = p.core_values + (g * p.kept + first_slot) * dv;
   T* core_weights = p.core_weights + g * p.kept + first_slot;
@@ -476,6 +495,10 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeParams<scala
       core_weights[l] = T(1);
       core_indices[l] = start + l;
     }
+    // Slots the bin cannot fill (a group shorter than N) keep zero weight and value and take the
+    // index of a kept key, so that their logit never exceeds those of the real entries.
+    const int64_t room = balanced_size(p.kept, p.num_bins, b);
+    for (int64_t l = length + threadIdx.x; l < room; l += kThreads) core_indices[l] = length > 0 ? start : 0;
     return;
   }
   const int64_t k = p.counts[gb];

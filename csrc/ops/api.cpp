@@ -21,15 +21,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rp_nystrom(const at::Tensor& poin
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_kv(
     const at::Tensor& keys, const at::Tensor& values, int64_t rank, int64_t num_bins,
     std::optional<double> scale, const std::optional<at::Tensor>& query_norm,
-    const std::optional<at::Tensor>& seed, const std::string& tau, bool center_values, double tol) {
+    const std::optional<at::Tensor>& seed, const std::string& tau, bool center_values, double tol,
+    const std::optional<at::Tensor>& lengths) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("wildcat::compress_kv", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, int64_t, int64_t, std::optional<double>,
               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, std::string_view,
-              bool, double)>();
-  return op.call(keys, values, rank, num_bins, scale, query_norm, seed, tau, center_values, tol);
+              bool, double, const std::optional<at::Tensor>&)>();
+  return op.call(keys, values, rank, num_bins, scale, query_norm, seed, tau, center_values, tol, lengths);
 }
 
 at::Tensor coreset_attention(const at::Tensor& query, const at::Tensor& core_keys,

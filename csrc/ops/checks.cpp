@@ -87,7 +87,8 @@ void check_rp_nystrom_args(const at::Tensor& points, int64_t rank,
 void check_compress_kv_args(const at::Tensor& keys, const at::Tensor& values, int64_t rank,
                             int64_t num_bins, const std::optional<double>& scale,
                             const std::optional<at::Tensor>& query_norm,
-                            const std::optional<at::Tensor>& seed, std::string_view tau, double tol) {
+                            const std::optional<at::Tensor>& seed, std::string_view tau, double tol,
+                            const std::optional<at::Tensor>& lengths) {
   const char* op = "compress_kv";
   TORCH_CHECK_VALUE(keys.dim() >= 2, "wildcat.compress_kv: keys must have shape (..., N, E), got ",
                     keys.sizes());
@@ -130,6 +131,22 @@ void check_compress_kv_args(const at::Tensor& keys, const at::Tensor& values, in
                       "wildcat.compress_kv: query_norm must have the leading dims of keys ",
                       keys.sizes().slice(0, d - 2), ", got ", qn.sizes());
   }
+  if (lengths.has_value()) {
+    const at::Tensor& len = *lengths;
+    TORCH_CHECK_TYPE(len.scalar_type() == at::kLong, "wildcat.compress_kv: lengths must be an int64 tensor, got ",
+                     len.scalar_type());
+    check_same_device(op, "lengths", len, "keys", keys);
+    TORCH_CHECK_VALUE(len.sizes() == keys.sizes().slice(0, d - 2),
+                      "wildcat.compress_kv: lengths must have the leading dims of keys ",
+                      keys.sizes().slice(0, d - 2), ", got ", len.sizes());
+  }
+}
+
+void check_lengths_values(const std::optional<at::Tensor>& lengths, int64_t n) {
+  if (!lengths.has_value() || lengths->numel() == 0 || !lengths->device().is_cpu()) return;
+  const int64_t lo = lengths->min().item<int64_t>(), hi = lengths->max().item<int64_t>();
+  TORCH_CHECK_VALUE(lo >= 0 && hi <= n, "wildcat.compress_kv: lengths must lie in [0, N = ", n,
+                    "], got values in [", lo, ", ", hi, "]");
 }
 
 void check_coreset_attention_args(const at::Tensor& query, const at::Tensor& core_keys,
@@ -200,10 +217,6 @@ void check_coreset_attention_args(const at::Tensor& query, const at::Tensor& cor
   }
   TORCH_CHECK_VALUE(!center_values || (value_min.has_value() && value_max.has_value()),
                     "wildcat.coreset_attention: center_values=True needs value_min and value_max");
-}
-
-int64_t slot_offset(int64_t rank, int64_t length, int64_t num_bins, int64_t bin) {
-  return kernels::balanced_start(rank <= length ? rank : length, num_bins, bin);
 }
 
 }  // namespace detail

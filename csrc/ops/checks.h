@@ -33,17 +33,18 @@ void check_rp_nystrom_args(const at::Tensor& points, int64_t rank,
 void check_compress_kv_args(const at::Tensor& keys, const at::Tensor& values, int64_t rank,
                             int64_t num_bins, const std::optional<double>& scale,
                             const std::optional<at::Tensor>& query_norm,
-                            const std::optional<at::Tensor>& seed, std::string_view tau, double tol);
+                            const std::optional<at::Tensor>& seed, std::string_view tau, double tol,
+                            const std::optional<at::Tensor>& lengths);
+
+// The values of compress_kv's `lengths` lie in [0, n]. Only for lengths on the CPU (reading device
+// memory would synchronise; the CUDA kernels clamp instead).
+void check_lengths_values(const std::optional<at::Tensor>& lengths, int64_t n);
 
 void check_coreset_attention_args(const at::Tensor& query, const at::Tensor& core_keys,
                                   const at::Tensor& core_values, const at::Tensor& core_weights,
                                   const std::optional<double>& scale,
                                   const std::optional<at::Tensor>& value_min,
                                   const std::optional<at::Tensor>& value_max, bool center_values);
-
-// Coreset slots before bin `bin`: every bin keeps min(r_b, n_b) entries, and either every r_b <=
-// n_b (rank <= length) or every n_b <= r_b, so the offsets are those of one balanced split.
-int64_t slot_offset(int64_t rank, int64_t length, int64_t num_bins, int64_t bin);
 
 }  // namespace detail
 }  // namespace wildcat

@@ -2,6 +2,11 @@ import pytest
 import torch
 
 import wildcat
+import wildcat.functional
+
+# The library's default: short sequences run exact SDPA (faster there). The tests exercise WildCat
+# itself at small sizes, so they run with min_seq_len = 0 unless they ask for the default.
+LIBRARY_MIN_SEQ_LEN = wildcat.functional.DEFAULT_MIN_SEQ_LEN
 
 
 def cuda_ready() -> bool:
@@ -22,6 +27,11 @@ def pytest_collection_modifyitems(config, items):
 def _seeded():
     """Every test draws its random inputs from a fixed seed: failures reproduce."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _wildcat_at_every_length(monkeypatch):
+    monkeypatch.setattr(wildcat.functional, "DEFAULT_MIN_SEQ_LEN", 0)
 
 
 @pytest.fixture(params=DEVICES)

@@ -52,3 +52,13 @@ def test_generator_inside_compile_gives_a_clear_error():
     fn = torch.compile(lambda a, g: wildcat.scaled_dot_product_attention(a, a, a, r=8, generator=g), fullgraph=True)
     with pytest.raises(RuntimeError, match="Generator cannot be used inside torch.compile"):
         fn(q, torch.Generator())
+
+
+def test_key_padding_mask_compiles_to_one_graph_and_matches_eager():
+    q, k, v = randn(2, 4, 12, 32), randn(2, 4, 96, 32), randn(2, 4, 96, 16)
+    mask = (torch.arange(96) < torch.tensor([[96], [40]]))[:, None, None, :]
+    module = wildcat.WildCat(r=16, num_bins=2, seed=3, fallback="error")
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(module, fullgraph=True, backend=counter)
+    torch.testing.assert_close(compiled(q, k, v, attn_mask=mask), module(q, k, v, attn_mask=mask), atol=1e-6, rtol=0)
+    assert counter.frame_count == 1

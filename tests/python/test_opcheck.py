@@ -19,6 +19,8 @@ def samples(device):
         q_norm = torch.rand(2, 3, device=device) + 1
         yield "compress_kv", (k, v, 12, 3, None, q_norm, seed(5), "lambert", False, 1e-5)
         yield "compress_kv", (k, v, 60, 1, 0.3, None, None, "constant", True, 1e-5)
+        lengths = torch.tensor([[50, 31, 0], [7, 12, 49]], device=device)
+        yield "compress_kv", (k, v, 12, 3, None, q_norm, seed(5), "lambert", False, 1e-5, lengths)
         core = torch.ops.wildcat.compress_kv(k, v, 12, 3, None, q_norm, seed(5))
         yield "coreset_attention", (q, core[0], core[1], core[2], None, core[4], core[5], False)
         yield "coreset_attention", (q, core[0], core[1], core[2], 0.5, core[4], core[5], True)
@@ -26,7 +28,7 @@ def samples(device):
         yield "rp_nystrom", (k * 0.3, 7, seed(2), 1e-5)
 
 
-@pytest.mark.parametrize("index", range(18))
+@pytest.mark.parametrize("index", range(21))
 def test_opcheck(device, index):
     name, args = list(samples(device))[index]
     torch.library.opcheck(getattr(torch.ops.wildcat, name).default, args)

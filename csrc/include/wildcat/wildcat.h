@@ -51,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     std::optional<double> scale = std::nullopt,
     const std::optional<at::Tensor>& query_norm = std::nullopt,
     const std::optional<at::Tensor>& seed = std::nullopt, const std::string& tau = "lambert",
-    bool center_values = false, double tol = 1e-5);
+    bool center_values = false, double tol = 1e-5, const std::optional<at::Tensor>& lengths = std::nullopt);
 at::Tensor coreset_attention(const at::Tensor& query, const at::Tensor& core_keys,
                              const at::Tensor& core_values, const at::Tensor& core_weights,
                              std::optional<double> scale = std::nullopt,

@@ -19,11 +19,18 @@ namespace wildcat {
 namespace cpu {
 namespace {
 
-// Per-group statistics of §2.1-2.3: key mean (accumulated in double: only the centring uses it,
-// but it should not depend on N's rounding), value bounds and the value offset.
+// Per-group statistics of §2.1-2.3 over the group's n valid keys: key mean (accumulated in
+// double: only the centring uses it, but it should not depend on N's rounding) and value bounds.
+// A group without keys has mean 0 and bounds [0, 0], so its (empty) attention output is 0.
 template <typename T>
 void group_statistics(const T* keys, const T* values, int64_t n, int64_t e, int64_t dv, T* key_mean,
                       T* value_min, T* value_max) {
+  if (n == 0) {
+    std::fill(key_mean, key_mean + e, T(0));
+    std::fill(value_min, value_min + dv, T(0));
+    std::fill(value_max, value_max + dv, T(0));
+    return;
+  }
   std::vector<double> sum(e, 0.0);
   for (int64_t l = 0; l < n; ++l) {
     for (int64_t c = 0; c < e; ++c) sum[c] += static_cast<double>(keys[l * e + c]);
@@ -52,14 +59,16 @@ struct CompressParams {
 };
 
 // One (group, bin) task: writes the bin's slots of core_values, core_weights and core_indices.
+// `valid` is the group's key count (N, or its entry of `lengths`): the bins split the first
+// `valid` keys, while the slot layout is the static one of min(rank, N) slots.
 template <typename T>
-void compress_bin(const CompressParams& p, int64_t group, int64_t bin, const T* keys, const T* values,
-                  const T* key_mean, const T* value_offset, T query_norm, T* core_values,
+void compress_bin(const CompressParams& p, int64_t group, int64_t bin, int64_t valid, const T* keys,
+                  const T* values, const T* key_mean, const T* value_offset, T query_norm, T* core_values,
                   T* core_weights, int64_t* core_indices) {
-  const int64_t length = kernels::balanced_size(p.n, p.num_bins, bin);
-  const int64_t start = kernels::balanced_start(p.n, p.num_bins, bin);
+  const int64_t length = kernels::balanced_size(valid, p.num_bins, bin);
+  const int64_t start = kernels::balanced_start(valid, p.num_bins, bin);
   const int64_t slots = kernels::balanced_size(p.rank, p.num_bins, bin);
-  const int64_t first_slot = detail::slot_offset(p.rank, p.n, p.num_bins, bin);
+  const int64_t first_slot = kernels::balanced_start(p.kept, p.num_bins, bin);
   const int64_t e = p.e, dv = p.dv;
   keys += start * e;
   values += start * dv;
@@ -75,6 +84,10 @@ void compress_bin(const CompressParams& p, int64_t group, int64_t bin, const T* 
       core_weights[l] = T(1);
       core_indices[l] = start + l;
     }
+    // Slots the bin cannot fill (a group shorter than N): zero weight and value, and the index
+    // of a kept key, so that the slot's logit never exceeds those of the real entries.
+    const int64_t room = kernels::balanced_size(p.kept, p.num_bins, bin);
+    for (int64_t l = length; l < room; ++l) core_indices[l] = length > 0 ? start : 0;
     return;
   }
 
@@ -155,7 +168,7 @@ void compress_bin(const CompressParams& p, int64_t group, int64_t bin, const T* 
 
 template <typename T>
 void compress_all(const CompressParams& p, int64_t groups, const at::Tensor& keys, const at::Tensor& values,
-                  const std::optional<at::Tensor>& query_norm, at::Tensor& core_values,
+                  const std::optional<at::Tensor>& query_norm, const int64_t* lengths, at::Tensor& core_values,
                   at::Tensor& core_weights, at::Tensor& core_indices, at::Tensor& value_min,
                   at::Tensor& value_max) {
   const T* k = keys.const_data_ptr<T>();
@@ -164,9 +177,10 @@ void compress_all(const CompressParams& p, int64_t groups, const at::Tensor& key
   T* vmin = value_min.mutable_data_ptr<T>();
   T* vmax = value_max.mutable_data_ptr<T>();
   std::vector<T> key_mean(groups * p.e), value_offset(p.center_values ? groups * p.dv : 0);
+  auto valid = [&](int64_t g) { return lengths ? lengths[g] : p.n; };
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
-      group_statistics(k + g * p.n * p.e, v + g * p.n * p.dv, p.n, p.e, p.dv, &key_mean[g * p.e],
+      group_statistics(k + g * p.n * p.e, v + g * p.n * p.dv, valid(g), p.e, p.dv, &key_mean[g * p.e],
                        vmin + g * p.dv, vmax + g * p.dv);
       if (p.center_values) {
         for (int64_t c = 0; c < p.dv; ++c) {
@@ -181,7 +195,7 @@ void compress_all(const CompressParams& p, int64_t groups, const at::Tensor& key
   at::parallel_for(0, groups * p.num_bins, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / p.num_bins, b = task % p.num_bins;
-      compress_bin<T>(p, g, b, k + g * p.n * p.e, v + g * p.n * p.dv, &key_mean[g * p.e],
+      compress_bin<T>(p, g, b, valid(g), k + g * p.n * p.e, v + g * p.n * p.dv, &key_mean[g * p.e],
                       p.center_values ? &value_offset[g * p.dv] : nullptr, qn ? qn[g] : T(0),
                       cv + g * p.kept * p.dv, cw + g * p.kept, ci + g * p.kept);
     }
@@ -191,8 +205,10 @@ void compress_all(const CompressParams& p, int64_t groups, const at::Tensor& key
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_kv_cpu(
     const at::Tensor& keys, const at::Tensor& values, int64_t rank, int64_t num_bins,
     std::optional<double> scale, const std::optional<at::Tensor>& query_norm,
-    const std::optional<at::Tensor>& seed, std::string_view tau, bool center_values, double tol) {
-  detail::check_compress_kv_args(keys, values, rank, num_bins, scale, query_norm, seed, tau, tol);
+    const std::optional<at::Tensor>& seed, std::string_view tau, bool center_values, double tol,
+    const std::optional<at::Tensor>& lengths) {
+  detail::check_compress_kv_args(keys, values, rank, num_bins, scale, query_norm, seed, tau, tol, lengths);
+  detail::check_lengths_values(lengths, keys.size(-2));
   at::AutoDispatchBelowADInplaceOrView guard;  // internal ATen calls are not differentiated
   detail::CompressOutputs out(keys, values, rank);
   const int64_t groups = out.groups, n = out.n, e = out.e, dv = out.dv;
@@ -202,14 +218,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor v = values.reshape({groups, n, dv}).to(acc).contiguous();
     std::optional<at::Tensor> qn;
     if (query_norm) qn = query_norm->reshape({groups}).to(acc).contiguous();
+    std::optional<at::Tensor> valid;
+    if (lengths) valid = lengths->reshape({groups}).contiguous();
+    const int64_t* valid_ptr = valid ? valid->const_data_ptr<int64_t>() : nullptr;
     const CompressParams params{n, e, dv, rank, num_bins, out.kept, detail::resolve_scale(scale, e),
                                 qn.has_value(), detail::parse_tau(tau), center_values, tol,
                                 detail::host_seed(seed)};
     if (acc == at::kDouble) {
-      compress_all<double>(params, groups, k, v, qn, out.core_values, out.core_weights, out.core_indices,
+      compress_all<double>(params, groups, k, v, qn, valid_ptr, out.core_values, out.core_weights, out.core_indices,
                            out.value_min, out.value_max);
     } else {
-      compress_all<float>(params, groups, k, v, qn, out.core_values, out.core_weights, out.core_indices,
+      compress_all<float>(params, groups, k, v, qn, valid_ptr, out.core_values, out.core_weights, out.core_indices,
                           out.value_min, out.value_max);
     }
   }

@@ -47,7 +47,8 @@ struct PivotWorkspace {
 };
 
 template <typename scalar_t, typename T>
-void launch_pivots(const at::Tensor& points, const float* key_mean, const T* query_norm, int64_t groups,
+void launch_pivots(const at::Tensor& points, const float* key_mean, const T* query_norm, const int64_t* lengths,
+                   int64_t groups,
                    int64_t n, int64_t e, int64_t num_bins, int64_t rank, double beta, kernels::TauMode tau,
                    double tol, kernels::SeedRef seed, bool sample_all, PivotWorkspace<T>& ws,
                    cudaStream_t stream) {
@@ -59,6 +60,7 @@ void launch_pivots(const at::Tensor& points, const float* key_mean, const T* que
   p.points = device_ptr<scalar_t>(points);
   p.key_mean = key_mean;
   p.query_norm = query_norm;
+  p.lengths = lengths;
   p.n = n;
   p.e = e;
   p.num_bins = num_bins;
@@ -92,8 +94,8 @@ void launch_pivots(const at::Tensor& points, const float* key_mean, const T* que
 
 template <typename scalar_t>
 void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t rank, int64_t num_bins,
-                    double beta, const std::optional<at::Tensor>& query_norm, kernels::SeedRef seed,
-                    kernels::TauMode tau, bool center_values, double tol, at::Tensor& core_values,
+                    double beta, const std::optional<at::Tensor>& query_norm, const int64_t* lengths,
+                    kernels::SeedRef seed, kernels::TauMode tau, bool center_values, double tol, at::Tensor& core_values,
                     at::Tensor& core_weights, at::Tensor& core_indices, at::Tensor& value_min,
                     at::Tensor& value_max) {
   using cuda_t = typename CudaType<scalar_t>::type;
@@ -111,12 +113,12 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
   at::Tensor part_max = at::empty({groups, splits, dv}, device.dtype(at::kDouble));
   at::Tensor key_mean = at::empty({groups, e}, device.dtype(at::kFloat));
   kernels::group_stats_partial_kernel<cuda_t><<<dim3(groups, splits), dim3(32, 8), 0, stream>>>(
-      kernels::StatsParams<cuda_t>{device_ptr<scalar_t>(keys), device_ptr<scalar_t>(values), n, e, dv, splits, chunk,
+      kernels::StatsParams<cuda_t>{device_ptr<scalar_t>(keys), device_ptr<scalar_t>(values), lengths, n, e, dv, splits, chunk,
                                    key_sum.mutable_data_ptr<double>(), part_min.mutable_data_ptr<double>(),
                                    part_max.mutable_data_ptr<double>()});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   kernels::group_stats_finalize_kernel<T><<<groups, 256, 0, stream>>>(kernels::StatsFinalizeParams<T>{
-      key_sum.const_data_ptr<double>(), part_min.const_data_ptr<double>(), part_max.const_data_ptr<double>(), n, e,
+      key_sum.const_data_ptr<double>(), part_min.const_data_ptr<double>(), part_max.const_data_ptr<double>(), lengths, n, e,
       dv, splits, key_mean.mutable_data_ptr<float>(), value_min.mutable_data_ptr<T>(),
       value_max.mutable_data_ptr<T>()});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -128,7 +130,7 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
   const bool any_sampled = rank < n;  // else every bin is kept exactly
   if (any_sampled) {
     launch_pivots<scalar_t, T>(keys, key_mean.const_data_ptr<float>(), qn ? qn->const_data_ptr<T>() : nullptr,
-                               groups, n, e, num_bins, rank, beta, tau, tol, seed, false, ws, stream);
+                               lengths, groups, n, e, num_bins, rank, beta, tau, tol, seed, false, ws, stream);
   } else {
     ws.counts.fill_(-1);
   }
@@ -139,7 +141,7 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
   if (any_sampled) {
     kernels::WeightsParams<cuda_t, T> wp{device_ptr<scalar_t>(values), ws.rows.template const_data_ptr<T>(),
                                          ws.sq_norm.template const_data_ptr<double>(), ws.max_sq_norm.template const_data_ptr<double>(),
-                                         ws.counts.template const_data_ptr<int32_t>(), n, dv, num_bins, ws.slots_max,
+                                         ws.counts.template const_data_ptr<int32_t>(), lengths, n, dv, num_bins, ws.slots_max,
                                          ws.length_max, kWeightsChunk, chunks_max, partial.mutable_data_ptr<double>()};
     kernels::weights_partial_kernel<cuda_t, T, kWeightsThreads>
         <<<dim3(groups * num_bins, chunks_max), kWeightsThreads, kWeightsChunk * sizeof(double), stream>>>(wp);
@@ -152,7 +154,7 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
                                         ws.kinv.template const_data_ptr<double>(), ws.sq_norm.template const_data_ptr<double>(),
                                         ws.max_sq_norm.template const_data_ptr<double>(), ws.pivots.template const_data_ptr<int64_t>(),
                                         ws.counts.template const_data_ptr<int32_t>(), value_min.const_data_ptr<T>(),
-                                        value_max.const_data_ptr<T>(), center_values, n, dv, rank, num_bins, kept,
+                                        value_max.const_data_ptr<T>(), lengths, center_values, n, dv, rank, num_bins, kept,
                                         ws.slots_max, ws.length_max, kWeightsChunk, chunks_max,
                                         rhs.mutable_data_ptr<double>(), core_values.mutable_data_ptr<T>(),
                                         core_weights.mutable_data_ptr<T>(), core_indices.mutable_data_ptr<int64_t>()};
@@ -163,16 +165,21 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_kv_cuda(
     const at::Tensor& keys, const at::Tensor& values, int64_t rank, int64_t num_bins,
     std::optional<double> scale, const std::optional<at::Tensor>& query_norm,
-    const std::optional<at::Tensor>& seed, std::string_view tau, bool center_values, double tol) {
-  detail::check_compress_kv_args(keys, values, rank, num_bins, scale, query_norm, seed, tau, tol);
+    const std::optional<at::Tensor>& seed, std::string_view tau, bool center_values, double tol,
+    const std::optional<at::Tensor>& lengths) {
+  detail::check_compress_kv_args(keys, values, rank, num_bins, scale, query_norm, seed, tau, tol, lengths);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(keys.device());
   detail::CompressOutputs out(keys, values, rank);
   if (out.n > 0 && out.groups > 0) {
     const at::Tensor k = out.keys3.contiguous();
     const at::Tensor v = values.reshape({out.groups, out.n, out.dv}).contiguous();
+    std::optional<at::Tensor> valid;
+    if (lengths) valid = lengths->reshape({out.groups}).contiguous();
+    const int64_t* valid_ptr = valid ? valid->const_data_ptr<int64_t>() : nullptr;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, keys.scalar_type(), "wildcat_compress_kv_cuda", [&] {
-      compress_typed<scalar_t>(k, v, rank, num_bins, detail::resolve_scale(scale, out.e), query_norm, seed_ref(seed),
+      compress_typed<scalar_t>(k, v, rank, num_bins, detail::resolve_scale(scale, out.e), query_norm, valid_ptr,
+                               seed_ref(seed),
                                detail::parse_tau(tau), center_values, tol, out.core_values, out.core_weights,
                                out.core_indices, out.value_min, out.value_max);
     });
@@ -201,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rp_nystrom_cuda(const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, points.scalar_type(), "wildcat_rp_nystrom_cuda", [&] {
     using T = typename CudaType<scalar_t>::acc;
     PivotWorkspace<T> ws(points.options(), groups, kept, n, 1, /*zero_rows=*/true);
-    launch_pivots<scalar_t, T>(x, nullptr, nullptr, groups, n, e, 1, kept, 1.0, kernels::TauMode::kLambert, tol,
+    launch_pivots<scalar_t, T>(x, nullptr, nullptr, nullptr, groups, n, e, 1, kept, 1.0, kernels::TauMode::kLambert, tol,
                                seed_ref(seed), /*sample_all=*/true, ws, at::cuda::getCurrentCUDAStream());
     pivots = ws.pivots;
     kinv = ws.kinv.to(acc);
