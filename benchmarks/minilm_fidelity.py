@@ -124,8 +124,6 @@ class MiniLM:
         from safetensors import safe_open
         from transformers import AutoModel, AutoTokenizer
 
-        import wildcat.integrations.transformers as wildcat_hf
-
         modules = json.loads((model_dir / "modules.json").read_text())
         pooling = json.loads((model_dir / "1_Pooling" / "config.json").read_text())
         other_modes = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v
@@ -140,7 +138,10 @@ class MiniLM:
         self.device = torch.device(device)
         self.path = path
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        wildcat_hf.register()
+        if path == "register":
+            import wildcat.integrations.transformers as wildcat_hf
+
+            wildcat_hf.register()
         # .float(): a float16 export is computed in float32 like the original.
         self.exact = AutoModel.from_pretrained(model_dir, attn_implementation="sdpa").float().to(device).eval()
         self.wildcat = AutoModel.from_pretrained(
@@ -246,7 +247,7 @@ def markdown(rows, args, minilm, sentences, passages, exact_seconds) -> str:
         "",
         "| r | sentence cos | passage cos (mean) | passage cos (min) | "
         + " | ".join(f"cos @ {n} tok" for n in lengths) + " | top-1 agree | top-5 overlap | time s |",
-        "|---" * (8 + len(lengths)) + "|",
+        "|---" * (7 + len(lengths)) + "|",
     ]
     for row in rows:
         lines.append(

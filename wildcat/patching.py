@@ -22,8 +22,9 @@ from .nn import WildCat
 __all__ = ["Patch", "patch"]
 
 # Additive mask entries at or below this count as "masked" when an additive float mask is read as a
-# key-padding mask: exp(-1e4) is 0 in every float format, so dropping such keys changes nothing in
-# exact attention. It covers the -10000.0 of older BERT code, finfo(dtype).min and -inf.
+# key-padding mask: exp(-1e4) underflows to 0 in every float format, so dropping such keys changes
+# exact attention only if logits spanned thousands. It covers the -10000.0 of older BERT code,
+# finfo(dtype).min and -inf.
 _MASKED_ADDITIVE = -1.0e4
 
 

@@ -1,6 +1,7 @@
 """attn_implementation="wildcat" in Hugging Face transformers: small random encoders and decoders, the
 compiled encoder, and the real pretrained all-MiniLM-L6-v2 (packaged, no downloads)."""
 
+import copy
 import importlib.util
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ transformers = pytest.importorskip("transformers")
 import wildcat  # noqa: E402
 import wildcat.integrations.transformers as wildcat_hf  # noqa: E402
 
+from conftest import LIBRARY_MIN_SEQ_LEN  # noqa: E402
+
 EXACT = torch.nn.functional.scaled_dot_product_attention
 # Padding in every batch: the last two sequences are shorter than the first.
 LENGTHS = [48, 37, 20]
@@ -26,17 +29,33 @@ def registered():
     wildcat_hf.unregister()
 
 
-def tiny_bert(**options):
-    """A 2-layer BERT with random weights, as WildCat ("wildcat") and exact ("sdpa") twins."""
-    config = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=128, max_position_embeddings=128)
+def twins(auto_class, config):
+    """The same random weights twice: attn_implementation "wildcat" and exact "sdpa". Each gets its
+    own copy of the config, as from_config records the implementation in it."""
     torch.manual_seed(0)
-    model = transformers.AutoModel.from_config(config, attn_implementation="wildcat").eval()
-    exact = transformers.AutoModel.from_config(config, attn_implementation="sdpa").eval()
+    model = auto_class.from_config(copy.deepcopy(config), attn_implementation="wildcat").eval()
+    exact = auto_class.from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
     exact.load_state_dict(model.state_dict())
+    assert model.config._attn_implementation == "wildcat" and exact.config._attn_implementation == "sdpa"
+    return model, exact
+
+
+def tiny_bert(**options):
+    """A 2-layer BERT with random weights; initializer_range 0.5 makes attention far from uniform, so
+    that approximating it shows in the output."""
+    config = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=128, initializer_range=0.5)
+    model, exact = twins(transformers.AutoModel, config)
     if options:
         model.config.wildcat = options
     return model, exact
+
+
+def tiny_llama():
+    """A 2-layer Llama with grouped-query attention (4 query heads, 2 kv heads)."""
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return twins(transformers.AutoModelForCausalLM, config)
 
 
 def batch(lengths=LENGTHS, vocab=120):
@@ -67,14 +86,16 @@ def test_encoder_runs_wildcat_reproducibly_below_n():
     assert not torch.equal(out, hidden(model, inputs))
 
 
-def test_register_defaults_and_config_override():
+def test_register_defaults_and_config_override(monkeypatch):
     inputs = batch()
     wildcat_hf.register(r=6, seed=3, min_seq_len=0)
     model, exact = tiny_bert()
     assert not torch.allclose(hidden(model, inputs), hidden(exact, inputs), atol=1e-3)
     model.config.wildcat = {"r": 64}  # per model: wins over register()'s r, keeps its other defaults
     torch.testing.assert_close(hidden(model, inputs), hidden(exact, inputs), atol=1e-5, rtol=1e-5)
-    wildcat_hf.register()  # defaults again: the library's min_seq_len runs these short inputs exactly
+    # Defaults again, with the library's min_seq_len (conftest lowers it to 0): these short inputs run exactly.
+    monkeypatch.setattr(wildcat.functional, "DEFAULT_MIN_SEQ_LEN", LIBRARY_MIN_SEQ_LEN)
+    wildcat_hf.register()
     model.config.wildcat = {"r": 2}
     torch.testing.assert_close(hidden(model, inputs), hidden(exact, inputs), atol=1e-5, rtol=1e-5)
 
@@ -138,12 +159,7 @@ def test_attention_function_contract_gqa_and_older_mask_forms():
 
 def test_decoder_causal_attention_follows_the_fallback_policy(monkeypatch):
     monkeypatch.setattr(wildcat.functional, "_warned", set())  # the warning is once per process
-    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="wildcat").eval()
-    exact = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    exact.load_state_dict(model.state_dict())
+    model, exact = tiny_llama()
     ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(2))
     wildcat_hf.register(r=4, min_seq_len=0)
     with torch.no_grad(), pytest.warns(UserWarning, match="is_causal=True is not supported"):
@@ -154,21 +170,26 @@ def test_decoder_causal_attention_follows_the_fallback_policy(monkeypatch):
         model(ids)
 
 
-def test_decoding_steps_run_wildcat_over_the_cache_with_gqa():
+def test_decoding_steps_run_wildcat_over_the_cache_with_gqa(monkeypatch):
     """Generation: the prompt is causal (exact fallback), each new token is one query over all
     cached keys, which WildCat takes natively; r >= N makes the tokens those of exact attention."""
-    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="wildcat").eval()
-    exact = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    exact.load_state_dict(model.state_dict())
+    model, exact = tiny_llama()
     ids = torch.randint(0, 100, (1, 10), generator=torch.Generator().manual_seed(2))
     wildcat_hf.register(r=64, min_seq_len=0)
+    calls = []
+
+    def spy(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, **options):
+        calls.append((query.shape[-2], key.shape[-2], is_causal, enable_gqa))
+        return wildcat.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                    enable_gqa, **options)
+
+    monkeypatch.setattr(wildcat_hf, "_wildcat_sdpa", spy)
     settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     with pytest.warns(UserWarning):  # the prompt's causal pass
         tokens = model.generate(ids, **settings)
     assert torch.equal(tokens, exact.generate(ids, **settings))
+    # 2 layers: the causal prompt (10 queries), then 5 steps of one query over 11..15 cached keys
+    assert calls == [(10, 10, True, True)] * 2 + [(1, n, False, True) for n in range(11, 16) for _ in range(2)]
 
 
 def test_compiled_encoder_is_one_graph_and_matches_eager():
@@ -199,8 +220,37 @@ def minilm():
         sys.path.pop(0)
     model = minilm_fidelity.MiniLM(minilm_fidelity.packaged_model_dir())
     sentences = minilm_fidelity.load_sentences()
-    passages = minilm_fidelity.build_passages(sentences, model.tokenizer, lengths=(512,))
+    passages = minilm_fidelity.build_passages(sentences, model.tokenizer, lengths=(256, 512))
     return model, [s for _, s in sentences], [p for _, _, p in passages]
+
+
+def test_minilm_embeddings_against_exact(minilm):
+    """all-MiniLM-L6-v2 with WildCat: 48 real sentences (at most 20 tokens) and 16 passages of 256
+    and 512 tokens in one padded batch.
+
+    Thresholds: measured over seeds 0-5 on CPU (benchmarks/minilm_fidelity.py helpers), passage
+    cosine mean 0.939-0.943 at r = 128 (min 0.85), 0.987-0.989 at r = 256; r = 16 gives 0.65-0.70.
+    Nearest-passage agreement 0.83-0.94 at r = 128, 0.94-0.96 at r = 256. The asserts leave margin.
+    """
+    model, sentences, passages = minilm
+    texts = sentences + passages
+    exact = model.embed(texts)
+    exact_s, exact_p = exact[:len(sentences)], exact[len(sentences):]
+    torch.manual_seed(0)
+    every_key = model.embed(texts, {"r": 512, "min_seq_len": 0, "fallback": "error"})
+    torch.testing.assert_close(every_key, exact, atol=1e-5, rtol=0)  # r >= N keeps every key
+    cosine, top1 = {}, {}
+    for r in (16, 128, 256):
+        torch.manual_seed(0)
+        emb = model.embed(texts, {"r": r, "min_seq_len": 0, "fallback": "error"})
+        emb_s, emb_p = emb[:len(sentences)], emb[len(sentences):]
+        cosine[r] = (emb_p * exact_p).sum(-1)
+        # retrieval: each sentence's nearest passage with WildCat embeddings, against exact ones
+        top1[r] = ((emb_s @ emb_p.T).argmax(-1) == (exact_s @ exact_p.T).argmax(-1)).float().mean().item()
+    assert cosine[16].mean() < cosine[128].mean() < cosine[256].mean(), cosine
+    assert cosine[128].mean() > 0.90 and cosine[128].min() > 0.75, cosine[128]
+    assert cosine[256].mean() > 0.96, cosine[256]
+    assert top1[128] >= 0.75 and top1[256] >= 0.85, top1
 
 
 def test_readme_drop_in_snippets_run():

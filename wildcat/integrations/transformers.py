@@ -1,4 +1,5 @@
-"""WildCat as a Hugging Face transformers attention implementation.
+"""WildCat as a Hugging Face transformers attention implementation (transformers >= 4.48, which has
+`AttentionInterface`; models must dispatch through it, as transformers 5 models do).
 
     import wildcat.integrations.transformers as wt
     wt.register(r=128)
@@ -82,7 +83,7 @@ def attention_forward(
                 "use attn_implementation='sdpa' or 'eager' for this model"
             )
     if dropout != 0.0:
-        raise NotImplementedError(
+        raise ValueError(
             f"wildcat attention: dropout must be 0, got {dropout} in {type(module).__name__}; WildCat is for "
             "inference: call model.eval()"
         )
@@ -97,14 +98,16 @@ def attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def make_attention_mask(batch_size: int, q_length: int, kv_length: int, **kwargs) -> Optional[Tensor]:
+def make_attention_mask(*args, **kwargs) -> Optional[Tensor]:
     """Mask builder for attn_implementation="wildcat": transformers' boolean SDPA mask, except
     that a bidirectional (encoder) mask, which is the same for every query, is built with one query
     row, (B, 1, 1, N): the key-padding form WildCat handles natively, with no host check needed
-    (so it works inside torch.compile)."""
-    if bidirectional_mask_function is not None and kwargs.get("mask_function") is bidirectional_mask_function:
-        q_length = 1
-    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, **kwargs)
+    (so it works inside torch.compile). Builders of versions without `q_length` get the SDPA mask
+    unchanged; attention_forward then recognises padding on the host."""
+    if (bidirectional_mask_function is not None and "q_length" in kwargs
+            and kwargs.get("mask_function") is bidirectional_mask_function):
+        kwargs["q_length"] = 1
+    return sdpa_mask(*args, **kwargs)
 
 
 def register(**options) -> None:
