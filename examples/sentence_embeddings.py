@@ -57,7 +57,7 @@ def main():
     tokens = tokenizer(texts, truncation=True, max_length=512)["input_ids"]
     print(f"r = {args.r}: cosine similarity of WildCat and exact embeddings")
     for text, ids, a, b in zip(texts, tokens, approx, reference):
-        print(f"  {len(ids):4d} tokens  {torch.dot(a, b).item():.5f}  {text[:60]}...")
+        print(f"  {len(ids):4d} tokens  {torch.dot(a, b).item():.5f}  {text if len(text) <= 60 else text[:57] + '...'}")
     print("similarity of the passage to each sentence, WildCat / exact:")
     for text, a, b in zip(SENTENCES, approx[:-1] @ approx[-1], reference[:-1] @ reference[-1]):
         print(f"  {a.item():.3f} / {b.item():.3f}  {text}")

