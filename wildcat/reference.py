@@ -191,9 +191,10 @@ def _pivoted_cholesky(
         xp = x[batch, p]
         sp = s[batch, p]
         dp = torch.where(active, d[batch, p], torch.ones_like(sp))
-        # R_i(l) = G(x_p, x_l); the min(1, .) guards rounding of exp(-|x_p - x_l|^2 / 2)
-        row = torch.exp((x @ xp[:, :, None])[..., 0] - sp[:, None] / 2 - s / 2)
-        row = torch.clamp(row, max=1.0) * valid
+        # R_i(l) = G(x_p, x_l) = exp(-|x_p - x_l|^2 / 2) from squared differences, as the ops do:
+        # x_p·x_l - s_p/2 - s_l/2 cancels for nearby points, and with tol = 0 the inverse of an
+        # ill-conditioned G_SS amplifies that (fuzzing found kinv off by 2e-5, relative)
+        row = torch.exp(-((x - xp[:, None, :]) ** 2).sum(-1) / 2) * valid
         # bordering update of kinv = G_SS^-1: g = (kinv a, -1) / sqrt(d_p), kinv += g g^T
         a = rows[batch[:, None], torch.arange(i, device=dev)[None, :], p[:, None]]  # (B, i): R_j(p)
         g = torch.cat([(kinv[:, :i, :i] @ a[:, :, None])[..., 0], -x.new_ones(B, 1)], 1)
@@ -333,29 +334,49 @@ def compress_kv(
         forced,
     )
 
-    # §2.8: exponential-kernel weights W = (kinv R) * exp((s_l - s_p) / 2); V̂ = W V, w = W 1
+    # §2.8: exponential-kernel weights W = diag(e^{-s_p/2}) kinv (R * e^{s_l/2}); V̂ = W V, w = W 1.
+    # Factored around the bin's largest s, s_ref: e^{(s_l - s_ref)/2} <= 1 inside the sums and
+    # e^{(s_ref - s_p)/2} outside, so no factor overflows on its own (the unfactored form gave
+    # 0 * inf = NaN for β R_q R_k in the thousands, where e^{(s_l - s_p)/2} exceeds float32).
     s = (x * x).sum(-1)
+    s_ref = s.amax(-1, keepdim=True)
     s_pivot = s.gather(1, pivots)
-    weights = (kinv @ kernel_rows) * torch.exp((s[:, None, :] - s_pivot[:, :, None]) / 2)
     v_bins = (v_all[:, index] * valid[None, :, :, None]).reshape(rows, width, dv)
+    v_ones = torch.cat([v_bins, valid.repeat(groups, 1)[..., None].to(acc)], -1)
+    inner = kinv @ ((kernel_rows * torch.exp((s - s_ref) / 2)[:, None, :]) @ v_ones)  # (rows, k, dv + 1)
+    log_outer = (s_ref - s_pivot) / 2  # (rows, k), >= 0
     width_slots = pivots.shape[1]
-    compressed_values = (weights @ v_bins).reshape(groups, num_bins, width_slots, dv)
-    compressed_weights = weights.sum(-1).reshape(groups, num_bins, width_slots)
+    inner = inner.reshape(groups, num_bins, width_slots, dv + 1)
+    log_outer = log_outer.reshape(groups, num_bins, width_slots)
     pivots = pivots.reshape(groups, num_bins, width_slots)
 
-    out_values, out_weights, out_indices = [], [], []
+    # Every slot as (inner value | inner weight, log of its outer factor); exact slots have factor 1
+    out_inner, out_log, out_indices = [], [], []
     for b in range(num_bins):
         if sampled[b]:
-            out_values.append(compressed_values[:, b, : slots[b]])
-            out_weights.append(compressed_weights[:, b, : slots[b]])
+            out_inner.append(inner[:, b, : slots[b]])
+            out_log.append(log_outer[:, b, : slots[b]])
             out_indices.append(starts[b] + pivots[:, b, : slots[b]])
         else:  # a bin no longer than its share keeps its keys exactly
             span = slice(starts[b], starts[b] + lengths[b])
-            out_values.append(v_all[:, span])
-            out_weights.append(torch.ones(groups, lengths[b], dtype=acc, device=dev))
+            out_inner.append(torch.cat([v_all[:, span], v_all.new_ones(groups, lengths[b], 1)], -1))
+            out_log.append(v_all.new_zeros(groups, lengths[b]))
             out_indices.append(torch.arange(span.start, span.stop, device=dev).expand(groups, -1))
-    core_values = torch.cat(out_values, 1)
-    core_weights = torch.cat(out_weights, 1)
+    inner, log_outer = torch.cat(out_inner, 1), torch.cat(out_log, 1)
+    # Overflow guard (§2.8): Ô is unchanged when every V̂ and w of a group is multiplied by one
+    # factor (bins share one softmax, so never per bin). Where the group's largest |V̂| or |w| would
+    # exceed the dtype's range, less headroom for attention's sums over the kept slots, all of the
+    # group's slots are divided by e^{shift}; otherwise shift = 0 and V̂ = W V, w = W 1 exactly.
+    limit = math.log(torch.finfo(acc).max) - math.log(2 * kept)
+    log_magnitude = log_outer + inner.abs().amax(-1).log()
+    shift = (log_magnitude.amax(-1, keepdim=True) - limit).clamp_min(0.0)
+    # A slot whose inner sums are small may still have e^{log_outer - shift} beyond the range
+    # (0 * inf would be NaN): there the product is formed through logarithms.
+    exponent = (log_outer - shift)[..., None]
+    direct = inner * torch.exp(exponent)
+    through_logs = torch.sign(inner) * torch.exp(inner.abs().log() + exponent)
+    scaled = torch.where(exponent < math.log(torch.finfo(acc).max), direct, through_logs)
+    core_values, core_weights = scaled[..., :dv], scaled[..., dv]
     indices = torch.cat(out_indices, 1)
     core_keys = keys.reshape(groups, n, e)[torch.arange(groups, device=dev)[:, None], indices]
     return CompressedKV(
