@@ -24,9 +24,9 @@ from transformers import AttentionInterface
 from ..functional import scaled_dot_product_attention as _wildcat_sdpa
 from ..patching import OPTION_NAMES, check_options, key_padding_mask
 
-try:  # transformers >= 4.53 builds masks through a per-implementation interface
+try:  # versions with masking_utils pick the mask builder per implementation
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-except ImportError:  # older versions hand every non-builtin implementation an additive padding mask
+except ImportError:  # older ones build masks in the model; attention_forward recognises their padding masks
     AttentionMaskInterface = sdpa_mask = None
 try:  # the mask rule of encoders, in versions that name it
     from transformers.masking_utils import bidirectional_mask_function
@@ -130,7 +130,6 @@ def unregister() -> None:
     _defaults.clear()
 
 
-# ---- KV-cache compression -------------------------------------------------------------------
-# Re-exported from wildcat/integrations/_hf_cache.py (written separately) once it lands:
-# from ._hf_cache import ...   (and add the names to __all__)
+# ---- KV-cache compression: re-export the public names of ._hf_cache here ----------------------
+# (owned by the KV-cache work: `from ._hf_cache import ...`, and add them to __all__)
 # ----------------------------------------------------------------------------------------------
