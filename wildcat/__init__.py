@@ -19,6 +19,7 @@ from .functional import (
     scaled_dot_product_attention,
 )
 from .nn import WildCat
+from .patching import Patch, patch
 from .reference import query_norm_per_kv_head
 
 __version__ = "0.1.0"
@@ -28,12 +29,14 @@ __all__ = [
     "DEFAULT_TAU",
     "DEFAULT_TOL",
     "CompressedKV",
+    "Patch",
     "WildCat",
     "compress_kv",
     "coreset_attention",
     "cuda_built",
     "draw_seed",
     "ops",
+    "patch",
     "query_norm_per_kv_head",
     "reference",
     "scaled_dot_product_attention",
