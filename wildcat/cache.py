@@ -248,7 +248,7 @@ def compress_kv_cache(
       query-agnostic mode of ALGORITHM.md §2.5.
     - key_mask (B, N) bool, True = real token: for left-padded batches. Padding never enters the
       coreset and its exact sink/window entries get weight 0 (they then add nothing to either sum
-      of §1). Needs a wildcat whose compress_kv takes key_mask when the middle has padding.
+      of §1).
     """
     for name, t in (("keys", keys), ("values", values)):
         if not isinstance(t, Tensor):

@@ -27,5 +27,14 @@ WILDCAT_HD int64_t balanced_start(int64_t total, int64_t parts, int64_t index) {
   return index * base + (index < extra ? index : extra);
 }
 
+// x · e^{a} given factor = e^{a}: the plain product while the factor is finite (so unshifted
+// outputs are exactly x · factor), else through logarithms (a tiny x with a factor beyond double's
+// range: an entry whose inner sums underflowed), and 0 for x = 0 rather than 0 · inf = NaN.
+WILDCAT_HD double scaled_product(double x, double a, double factor) {
+  if (x == 0) return 0;
+  if (factor <= 1.7976931348623157e308) return x * factor;
+  return std::copysign(std::exp(std::log(std::fabs(x)) + a), x);
+}
+
 }  // namespace kernels
 }  // namespace wildcat

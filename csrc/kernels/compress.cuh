@@ -1,14 +1,15 @@
 // CUDA kernels of compress_kv and rp_nystrom (ALGORITHM.md §2), torch-free: POD parameters, raw
 // pointers into contiguous (group, N, ·) tensors, launched on the caller's stream.
 //
-// Four launches, none per pivot step and none with a host synchronisation:
+// Five stages, none launched per pivot step and none with a host synchronisation:
 //   1. group_stats_partial / group_stats_finalize: key mean (double sums) and value bounds per
 //      group, two-level so that each group is read by many CTAs and the sums are deterministic;
 //   2. pivot_kernel: one CTA per (group, bin) runs all of the bin's pivot steps (the bordered
 //      algorithm of the CPU code, csrc/ops/cpu/pivoted_cholesky.h, with the same random stream,
 //      so the same seed picks the same pivots); the argmax is a block reduction;
 //   3. weights_partial: Σ_l R(:, l) e^{(s_l - s_ref)/2} [v_l | 1] over chunks of points;
-//   4. finalize: sums the chunks in double, multiplies by G_SS^-1 and writes the coreset.
+//   4. finalize: sums the chunks in double, multiplies by G_SS^-1: each slot up to its factor;
+//   5. write_group: applies the factors, shifted per group where they would overflow.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -464,8 +465,8 @@ struct FinalizeParams {
   bool center_values;
   int64_t n, dv, rank, num_bins, kept, slots_max, length_max, chunk, chunks_max;
   double* rhs;                // (G*C, slots_max, D + 1) workspace
-  T* core_values;             // (G, kept, D)
-  T* core_weights;            // (G, kept)
+  double* scaled;             // (G, kept, D + 1), zeroed: values | weight of each slot, up to
+  double* log_scale;          // (G, kept), zeroed: ... the factor e^{log_scale} (write_group_kernel)
   int64_t* core_indices;      // (G, kept)
 };
 
@@ -479,20 +480,20 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeParams<scala
   const int64_t start = balanced_start(valid, p.num_bins, b);
   const int64_t first_slot = balanced_start(p.kept, p.num_bins, b);
   const int64_t dv = p.dv, cols = dv + 1;
-  T* core_values = p.core_values + (g * p.kept + first_slot) * dv;
-  T* core_weights = p.core_weights + g * p.kept + first_slot;
+  double* scaled = p.scaled + (g * p.kept + first_slot) * cols;
+  double* log_scale = p.log_scale + g * p.kept + first_slot;
   int64_t* core_indices = p.core_indices + g * p.kept + first_slot;
   const T* vmin = p.value_min + g * dv;
   const T* vmax = p.value_max + g * dv;
   if (length <= slots) {  // exact bin: V̂ = V (- v_c), w = 1
     const scalar_t* values = p.values + (g * p.n + start) * dv;
     for (int64_t o = threadIdx.x; o < length * dv; o += kThreads) {
-      const int64_t c = o % dv;
+      const int64_t l = o / dv, c = o % dv;
       const T offset = p.center_values ? (vmin[c] + vmax[c]) / T(2) : T(0);
-      core_values[o] = static_cast<T>(to_acc(values[o])) - offset;
+      scaled[l * cols + c] = static_cast<double>(static_cast<T>(to_acc(values[o])) - offset);
     }
     for (int64_t l = threadIdx.x; l < length; l += kThreads) {
-      core_weights[l] = T(1);
+      scaled[l * cols + dv] = 1.0;
       core_indices[l] = start + l;
     }
     // Slots the bin cannot fill (a group shorter than N) keep zero weight and value and take the
@@ -524,13 +525,57 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeParams<scala
       for (int64_t j = 0; j < k; ++j) {
         acc += kinv[a * p.slots_max + j] * (rhs[j * cols + col] - offset * rhs[j * cols + dv]);
       }
-      acc *= exp((s_ref - p.sq_norm[gb * p.length_max + pivots[a]]) / 2);
     }
-    if (col < dv) {
-      core_values[a * dv + col] = static_cast<T>(acc);
-    } else {
-      core_weights[a] = static_cast<T>(acc);
+    scaled[a * cols + col] = acc;  // 0 after an early stop
+    if (col == dv) {
+      if (a < k) log_scale[a] = (s_ref - p.sq_norm[gb * p.length_max + pivots[a]]) / 2;
       core_indices[a] = start + pivots[a];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. The group's outputs: §2.8's overflow guard
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct WriteGroupParams {
+  const double* scaled;       // (G, kept, D + 1)
+  const double* log_scale;    // (G, kept)
+  int64_t kept, dv;
+  T* core_values;             // (G, kept, D)
+  T* core_weights;            // (G, kept)
+};
+
+// One CTA per group: slot i's values and weight are scaled[i] e^{log_scale[i]}, and that factor
+// e^{(s_ref - s_p)/2} overflows float32 once β R_q R_k is in the hundreds. A factor common to all
+// of a group's values and weights cancels in the estimator, so the group is shifted down by
+// e^{-shift} just enough that its largest entry, summed over the group's slots, stays in T's
+// range; groups that need no shift get the plain products (the CPU's write_group).
+template <typename T, int kThreads>
+__global__ void __launch_bounds__(kThreads) write_group_kernel(WriteGroupParams<T> p) {
+  __shared__ double scratch[kThreads / 32 + 1];
+  const int64_t g = blockIdx.x, cols = p.dv + 1;
+  const double* scaled = p.scaled + g * p.kept * cols;
+  const double* log_scale = p.log_scale + g * p.kept;
+  double top = -INFINITY;
+  for (int64_t o = threadIdx.x; o < p.kept * cols; o += kThreads) {
+    const double x = fabs(scaled[o]);
+    if (x > 0) {
+      const double magnitude = log(x) + log_scale[o / cols];
+      top = magnitude > top ? magnitude : top;
+    }
+  }
+  top = block_max<kThreads>(top, scratch);
+  const double limit = log(static_cast<double>(sizeof(T) == 4 ? FLT_MAX : DBL_MAX)) - log(2.0 * p.kept);
+  const double shift = top > limit ? top - limit : 0.0;
+  for (int64_t o = threadIdx.x; o < p.kept * cols; o += kThreads) {
+    const int64_t i = o / cols, c = o % cols;
+    const T y = static_cast<T>(scaled_product(scaled[o], log_scale[i] - shift, exp(log_scale[i] - shift)));
+    if (c < p.dv) {
+      p.core_values[(g * p.kept + i) * p.dv + c] = y;
+    } else {
+      p.core_weights[g * p.kept + i] = y;
     }
   }
 }

@@ -4,7 +4,6 @@ Exactness tests compare against exact softmax attention or the uncompressed mode
 least the middle length every middle token is kept (weight 1), so the cache must reproduce them.
 """
 
-import inspect
 import math
 
 import pytest
@@ -15,10 +14,6 @@ import wildcat
 from wildcat.cache import WeightedKVCache, compress_kv_cache, decode_attention, weighted_attention
 
 from conftest import randn
-
-HAS_KEY_MASK = "key_mask" in inspect.signature(wildcat.compress_kv).parameters
-needs_key_mask = pytest.mark.skipif(not HAS_KEY_MASK, reason="compress_kv has no key_mask in this wildcat")
-
 
 def exact(query, keys, values, mask=None):
     """Exact attention in float64, GQA by repetition (the oracle may copy)."""
@@ -143,7 +138,6 @@ def test_errors_name_the_argument():
         cache.append(randn(1, 2, 1, 8), randn(1, 2, 1, 4))
 
 
-@needs_key_mask
 def test_left_padding_is_exact_per_row():
     n, pad = 90, 30
     keys, values = randn(2, 2, n, 16), randn(2, 2, n, 8)
@@ -248,7 +242,6 @@ def test_multi_token_step_after_compression_is_exact():
 
 
 @needs_transformers
-@needs_key_mask
 def test_generate_left_padded_batch():
     model = tiny_model("llama")
     ids = torch.randint(1, 97, (2, PROMPT))

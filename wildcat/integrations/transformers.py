@@ -33,7 +33,21 @@ try:  # the mask rule of encoders, in versions that name it
 except ImportError:
     bidirectional_mask_function = None
 
-__all__ = ["IMPLEMENTATION", "attention_forward", "make_attention_mask", "register", "unregister"]
+__all__ = [
+    "ATTENTION_NAME",
+    "IMPLEMENTATION",
+    "WildCatCache",
+    "WildCatLayer",
+    "attention_forward",
+    "cache_nbytes",
+    "compress_cache",
+    "generate_with_compressed_cache",
+    "make_attention_mask",
+    "register",
+    "register_cache_attention",
+    "unregister",
+    "wildcat_cache_attention",
+]
 
 IMPLEMENTATION = "wildcat"
 
@@ -130,6 +144,14 @@ def unregister() -> None:
     _defaults.clear()
 
 
-# ---- KV-cache compression: re-export the public names of ._hf_cache here ----------------------
-# (owned by the KV-cache work: `from ._hf_cache import ...`, and add them to __all__)
-# ----------------------------------------------------------------------------------------------
+# KV-cache compression for decoder models (issue #6), implemented in ._hf_cache.
+from ._hf_cache import (  # noqa: E402
+    ATTENTION_NAME,
+    WildCatCache,
+    WildCatLayer,
+    cache_nbytes,
+    compress_cache,
+    generate_with_compressed_cache,
+    register_cache_attention,
+    wildcat_cache_attention,
+)

@@ -9,6 +9,8 @@
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <limits>
 #include <tuple>
 
 #include "../checks.h"
@@ -58,30 +60,33 @@ struct CompressParams {
   uint64_t seed;
 };
 
-// One (group, bin) task: writes the bin's slots of core_values, core_weights and core_indices.
+// One (group, bin) task: writes the bin's slots of core_indices and, per slot, its compressed
+// values and weight (D + 1 doubles, `scaled`) up to the factor e^{log_scale} (see write_group).
 // `valid` is the group's key count (N, or its entry of `lengths`): the bins split the first
 // `valid` keys, while the slot layout is the static one of min(rank, N) slots.
 template <typename T>
 void compress_bin(const CompressParams& p, int64_t group, int64_t bin, int64_t valid, const T* keys,
-                  const T* values, const T* key_mean, const T* value_offset, T query_norm, T* core_values,
-                  T* core_weights, int64_t* core_indices) {
+                  const T* values, const T* key_mean, const T* value_offset, T query_norm, double* scaled,
+                  double* log_scale, int64_t* core_indices) {
   const int64_t length = kernels::balanced_size(valid, p.num_bins, bin);
   const int64_t start = kernels::balanced_start(valid, p.num_bins, bin);
   const int64_t slots = kernels::balanced_size(p.rank, p.num_bins, bin);
   const int64_t first_slot = kernels::balanced_start(p.kept, p.num_bins, bin);
   const int64_t e = p.e, dv = p.dv;
+  const int64_t cols = dv + 1;  // compressed values | weights
   keys += start * e;
   values += start * dv;
-  core_values += first_slot * dv;
-  core_weights += first_slot;
+  scaled += first_slot * cols;
+  log_scale += first_slot;
   core_indices += first_slot;
 
   if (length <= slots) {  // the bin keeps its keys exactly (§2.4)
     for (int64_t l = 0; l < length; ++l) {
       for (int64_t c = 0; c < dv; ++c) {
-        core_values[l * dv + c] = values[l * dv + c] - (value_offset ? value_offset[c] : T(0));
+        scaled[l * cols + c] = static_cast<double>(values[l * dv + c]) -
+                               (value_offset ? static_cast<double>(value_offset[c]) : 0.0);
       }
-      core_weights[l] = T(1);
+      scaled[l * cols + dv] = 1.0;
       core_indices[l] = start + l;
     }
     // Slots the bin cannot fill (a group shorter than N): zero weight and value, and the index
@@ -123,7 +128,6 @@ void compress_bin(const CompressParams& p, int64_t group, int64_t bin, int64_t v
   // amplifies its rounding, and float32 sums here measured 3-5x the error of the oracle's
   // float32 matrix products (benchmarks/NOTES.md).
   const double s_ref = *std::max_element(s.begin(), s.end());
-  const int64_t cols = dv + 1;  // compressed values | weights
   std::vector<double> rhs(k * cols, 0.0);
   std::vector<double> value(dv);
   for (int64_t l = 0; l < length; ++l) {
@@ -155,13 +159,36 @@ void compress_bin(const CompressParams& p, int64_t group, int64_t bin, int64_t v
 
   for (int64_t i = 0; i < slots; ++i) {
     core_indices[i] = start + chol.pivot(i);
-    if (i < k) {
-      const double pivot_scale = std::exp((s_ref - s[chol.pivot(i)]) / 2);
-      for (int64_t c = 0; c < dv; ++c) core_values[i * dv + c] = static_cast<T>(compressed[i * cols + c] * pivot_scale);
-      core_weights[i] = static_cast<T>(compressed[i * cols + dv] * pivot_scale);
-    } else {  // after an early stop: zero weight, zero value
-      for (int64_t c = 0; c < dv; ++c) core_values[i * dv + c] = T(0);
-      core_weights[i] = T(0);
+    if (i < k) {  // after an early stop: zero weight, zero value (`scaled` is zeroed)
+      std::copy(compressed.begin() + i * cols, compressed.begin() + (i + 1) * cols, scaled + i * cols);
+      log_scale[i] = (s_ref - s[chol.pivot(i)]) / 2;
+    }
+  }
+}
+
+// §2.8's overflow guard. Slot i's values and weight are scaled[i] · e^{log_scale[i]}, and the
+// factor e^{(s_ref - s_p)/2} overflows float32 once β R_q R_k is in the hundreds (float64 in the
+// tens of thousands). A factor common to all of a group's values and weights cancels in the
+// estimator, so the group is shifted down by e^{-shift} just enough that its largest entry, summed
+// over the group's slots, stays in T's range; groups that need no shift get the plain products.
+template <typename T>
+void write_group(const double* scaled, const double* log_scale, int64_t kept, int64_t dv, T* core_values,
+                 T* core_weights) {
+  const int64_t cols = dv + 1;
+  double top = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < kept; ++i) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const double x = std::abs(scaled[i * cols + c]);
+      if (x > 0) top = std::max(top, std::log(x) + log_scale[i]);
+    }
+  }
+  const double limit = std::log(static_cast<double>(std::numeric_limits<T>::max())) - std::log(2.0 * kept);
+  const double shift = top > limit ? top - limit : 0.0;
+  for (int64_t i = 0; i < kept; ++i) {
+    const double factor = std::exp(log_scale[i] - shift);
+    for (int64_t c = 0; c < cols; ++c) {
+      const T y = static_cast<T>(kernels::scaled_product(scaled[i * cols + c], log_scale[i] - shift, factor));
+      (c < dv ? core_values[i * dv + c] : core_weights[i]) = y;
     }
   }
 }
@@ -192,12 +219,20 @@ void compress_all(const CompressParams& p, int64_t groups, const at::Tensor& key
   T* cv = core_values.mutable_data_ptr<T>();
   T* cw = core_weights.mutable_data_ptr<T>();
   int64_t* ci = core_indices.mutable_data_ptr<int64_t>();
+  const int64_t cols = p.dv + 1;
+  std::vector<double> scaled(groups * p.kept * cols, 0.0), log_scale(groups * p.kept, 0.0);
   at::parallel_for(0, groups * p.num_bins, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / p.num_bins, b = task % p.num_bins;
       compress_bin<T>(p, g, b, valid(g), k + g * p.n * p.e, v + g * p.n * p.dv, &key_mean[g * p.e],
                       p.center_values ? &value_offset[g * p.dv] : nullptr, qn ? qn[g] : T(0),
-                      cv + g * p.kept * p.dv, cw + g * p.kept, ci + g * p.kept);
+                      &scaled[g * p.kept * cols], &log_scale[g * p.kept], ci + g * p.kept);
+    }
+  });
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      write_group<T>(&scaled[g * p.kept * cols], &log_scale[g * p.kept], p.kept, p.dv, cv + g * p.kept * p.dv,
+                     cw + g * p.kept);
     }
   });
 }

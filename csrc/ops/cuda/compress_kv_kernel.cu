@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <tuple>
 
 #include "../checks.h"
@@ -103,6 +104,14 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
   const int64_t groups = keys.size(0), n = keys.size(1), e = keys.size(2), dv = values.size(2);
   const int64_t kept = std::min(rank, n);
   const auto device = keys.options();
+  // CUDA grid limits (offsets inside the kernels are 64-bit): a grid's x extent is below 2^31,
+  // the chunks of the longest bin form the weighted sums' grid-y (at most 65,535)
+  TORCH_CHECK_VALUE(groups * num_bins <= std::numeric_limits<int32_t>::max(),
+                    "wildcat.compress_kv: CUDA launches at most 2^31 - 1 (group, bin) pairs, got ", groups,
+                    " groups x ", num_bins, " bins");
+  TORCH_CHECK_VALUE((n + num_bins - 1) / num_bins <= 65535 * kWeightsChunk,
+                    "wildcat.compress_kv: a bin of at most ", 65535 * kWeightsChunk,
+                    " keys on CUDA (N / num_bins), got N = ", n, " with num_bins = ", num_bins);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   // 1. statistics
@@ -150,15 +159,23 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
 
   // 4. the coreset
   at::Tensor rhs = at::empty({groups * num_bins, ws.slots_max, dv + 1}, device.dtype(at::kDouble));
+  at::Tensor scaled = at::zeros({groups, kept, dv + 1}, device.dtype(at::kDouble));
+  at::Tensor log_scale = at::zeros({groups, kept}, device.dtype(at::kDouble));
   kernels::FinalizeParams<cuda_t, T> fp{device_ptr<scalar_t>(values), partial.const_data_ptr<double>(),
                                         ws.kinv.template const_data_ptr<double>(), ws.sq_norm.template const_data_ptr<double>(),
                                         ws.max_sq_norm.template const_data_ptr<double>(), ws.pivots.template const_data_ptr<int64_t>(),
                                         ws.counts.template const_data_ptr<int32_t>(), value_min.const_data_ptr<T>(),
                                         value_max.const_data_ptr<T>(), lengths, center_values, n, dv, rank, num_bins, kept,
                                         ws.slots_max, ws.length_max, kWeightsChunk, chunks_max,
-                                        rhs.mutable_data_ptr<double>(), core_values.mutable_data_ptr<T>(),
-                                        core_weights.mutable_data_ptr<T>(), core_indices.mutable_data_ptr<int64_t>()};
+                                        rhs.mutable_data_ptr<double>(), scaled.mutable_data_ptr<double>(),
+                                        log_scale.mutable_data_ptr<double>(), core_indices.mutable_data_ptr<int64_t>()};
   kernels::finalize_kernel<cuda_t, T, kFinalizeThreads><<<groups * num_bins, kFinalizeThreads, 0, stream>>>(fp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  // 5. the outputs, shifted per group where they would overflow
+  kernels::write_group_kernel<T, kFinalizeThreads><<<groups, kFinalizeThreads, 0, stream>>>(
+      kernels::WriteGroupParams<T>{scaled.const_data_ptr<double>(), log_scale.const_data_ptr<double>(), kept, dv,
+                                   core_values.mutable_data_ptr<T>(), core_weights.mutable_data_ptr<T>()});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -90,11 +90,10 @@ void launch_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const at::Tensor v = entries_view(values, type), w = entries_view(weights, type);
   const std::optional<at::Tensor> lo = as_type(value_min, type), hi = as_type(value_max, type);
   const int64_t groups = batch * kv_heads, queries = q_heads / kv_heads * q.size(-2), r = k.size(-2);
-  // about two CTAs per SM, each a chunk of kDecodeMinChunk..kDecodeMaxChunk entries (its logits
-  // stay in shared memory): enough CTAs to hide the load latency, few enough chunks for the
-  // combine to sum quickly
+  // about eight CTAs per SM, each a chunk of kDecodeMinChunk..kDecodeMaxChunk entries (staged in
+  // shared memory): the work is latency-bound (a few MB), so it wants many warps in flight
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t target = std::max<int64_t>(1, (2 * sms + groups - 1) / groups);
+  const int64_t target = std::max<int64_t>(1, (8 * sms + groups - 1) / groups);
   const int64_t chunk = std::clamp<int64_t>((r + target - 1) / target, kernels::kDecodeMinChunk, kernels::kDecodeMaxChunk);
   const int64_t splits = (r + chunk - 1) / chunk;
   // per (group, split, query): the maximum, the denominator and the D numerators
@@ -125,7 +124,7 @@ void launch_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   p.part_num = p.part_den + groups * splits * queries;
   p.out = reinterpret_cast<cuda_t*>(out.mutable_data_ptr<scalar_t>());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const size_t smem = kernels::decode_smem_bytes<T>(queries, p.e, chunk);
+  const size_t smem = kernels::decode_smem_bytes<T>(queries, p.e, p.dv, chunk);
   auto split_kernel = kernels::coreset_decode_split<cuda_t, T>;
   allow_shared_memory(split_kernel, smem);
   split_kernel<<<groups * splits, kernels::kDecodeThreads, smem, stream>>>(p);
@@ -149,7 +148,7 @@ void attend_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& va
 
   if (q_heads / kv_heads * m <= kernels::kDecodeMaxQueries && e <= kernels::kDecodeMaxDim &&
       dv <= kernels::kDecodeMaxDim && r > 0 &&
-      kernels::decode_smem_bytes<Acc>(q_heads / kv_heads * m, e, kernels::kDecodeMaxChunk) <= max_shared_memory() &&
+      kernels::decode_smem_bytes<Acc>(q_heads / kv_heads * m, e, dv, kernels::kDecodeMaxChunk) <= max_shared_memory() &&
       kernels::decode_combine_smem_bytes<Acc>((r + kernels::kDecodeMaxChunk - 1) / kernels::kDecodeMaxChunk, dv) <=
           max_shared_memory()) {
     launch_decode<scalar_t, Acc>(q, k, values, weights, value_min, value_max, center_values, beta, batch, q_heads,
