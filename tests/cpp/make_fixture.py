@@ -48,8 +48,9 @@ def main(path: str) -> int:
         "value_min": kv.value_min,
         "value_max": kv.value_max,
         "coreset_attention": wildcat.coreset_attention(query, kv),
+        # min_seq_len=0: wildcat::attention in C++ is WildCat at every length (no exact fallback)
         "attention": wildcat.scaled_dot_product_attention(
-            query, key, value, enable_gqa=True, r=rank, num_bins=num_bins, seed=seed),
+            query, key, value, enable_gqa=True, r=rank, num_bins=num_bins, seed=seed, min_seq_len=0),
     }
     torch.save(fixture, path)
     return 0

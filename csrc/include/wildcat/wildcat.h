@@ -77,6 +77,7 @@ at::Tensor query_norm_per_kv_head(const at::Tensor& query, int64_t kv_heads);
 
 // WildCat attention of query (..., Hq, M, E) with key (..., Hkv, N, E) and value (..., Hkv, N, D):
 // compress every kv head with the query norm of its group, then attend. Returns (..., Hq, M, D).
+// WildCat at every length: unlike the Python SDPA function, no exact fallback below a length.
 at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                      const Options& options = {});
 
