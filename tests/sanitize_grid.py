@@ -6,6 +6,7 @@ output is not finite; the sanitizer's own report says whether memory was used co
 import sys
 
 import torch
+from degenerate_inputs import finite_cases, non_finite_cases
 
 import wildcat
 
@@ -50,39 +51,19 @@ def main() -> int:
 
 
 def degenerate_cases(dev) -> int:
-    """The inputs of tests/python/test_degenerate.py, every dtype: the kernels must stay in bounds
-    and initialised on them. Non-finite inputs are run for memory safety only (their group's
-    output is unspecified, docs/RELIABILITY.md)."""
+    """The inputs of tests/python/test_degenerate.py (tests/degenerate_inputs.py), every dtype: the
+    kernels must stay in bounds and initialised on them."""
     failures = 0
+    gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        q = torch.randn(2, 3, 5, 64, device=dev).to(dtype)
-        k = torch.randn(2, 3, 90, 64, device=dev).to(dtype)
-        v = torch.randn(2, 3, 90, 64, device=dev).to(dtype)
-        big = 6e4 if dtype == torch.float16 else 1e30
-        finite = [
-            (q, k[:, :, :1].expand(2, 3, 90, 64).contiguous(), v, 8, 4),        # all keys equal
-            (q, k[:, :, torch.arange(90, device=dev) % 3].contiguous(), v, 16, 1),  # 3 distinct keys
-            (q, torch.zeros_like(k), v, 8, 2),                                   # zero keys
-            (torch.zeros_like(q), k, v, 8, 2),                                   # zero queries
-            (q, k[:, :, :1].contiguous(), v[:, :, :1].contiguous(), 4, 1),       # N = 1
-            (q, k[:, :, :32].contiguous(), v[:, :, :32].contiguous(), 32, 4),    # N = r
-            (q, k[:, :, :33].contiguous(), v[:, :, :33].contiguous(), 32, 4),    # N = r + 1
-            (q, k[:, :, :6].contiguous(), v[:, :, :6].contiguous(), 4, 4),       # bins of length 1
-            (q, (k.double() * 1e-6).to(dtype), v, 8, 2),                         # tiny key norms
-            (q, k, (v.double().clamp(-1, 1) * big).to(dtype), 16, 2),            # huge values
-        ]
-        for qq, kk, vv, rank, bins in finite:
-            out = wildcat.scaled_dot_product_attention(qq, kk, vv, r=rank, num_bins=bins, seed=4, min_seq_len=0)
-            failures += not bool(torch.isfinite(out).all())
-        # huge keys: the Nyström factors overflow unless shifted per group
-        out = wildcat.scaled_dot_product_attention(q, (v.double().clamp(-1, 1) * big).to(dtype), v, r=8, num_bins=2,
-                                                   seed=4, min_seq_len=0)
-        failures += not bool(torch.isfinite(out).all())
-        for bad in (float("nan"), float("inf")):
-            for target in range(3):
-                tensors = [q.clone(), k.clone(), v.clone()]
-                tensors[target][1, 2, 3, 0] = bad
-                wildcat.scaled_dot_product_attention(*tensors, r=12, num_bins=2, seed=4, min_seq_len=0)
+        cases = finite_cases(dtype, dev, 64, 64, gen)
+        for label, q, k, v, rank, bins in cases:
+            out = wildcat.scaled_dot_product_attention(q, k, v, r=rank, num_bins=bins, seed=4, min_seq_len=0)
+            if not bool(torch.isfinite(out).all()):
+                failures += 1
+                print(f"non-finite output: {dtype}, {label}")
+        for _, q, k, v in non_finite_cases(*cases[-1][1:4]):
+            wildcat.scaled_dot_product_attention(q, k, v, r=12, num_bins=2, seed=4, min_seq_len=0)
     return failures
 
 
