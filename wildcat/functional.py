@@ -103,10 +103,14 @@ def _check_key_mask(op: str, key_mask, keys: Tensor) -> Tensor:
         ) from None
 
 
-def _compress_masked(keys: Tensor, values: Tensor, key_mask: Tensor, compress) -> CompressedKV:
-    """Compress only the keys where key_mask (..., N) is True: move them, in order, to the front
-    of each group (a stable partition without host synchronisation), compress the first
-    `lengths` keys of every group, and map the pivots back to the original positions."""
+def _compress(keys: Tensor, values: Tensor, key_mask: Optional[Tensor], *args) -> CompressedKV:
+    """ops.compress_kv(keys, values, *args) of the keys where key_mask (..., N, broadcast to the
+    keys) is True; args are the op's arguments after the values, up to tol. The kept keys move,
+    in order, to the front of each group (a stable partition without host synchronisation), the
+    op compresses the first `lengths` keys of every group, and the pivots are mapped back to the
+    original positions."""
+    if key_mask is None:
+        return ops.compress_kv(keys, values, *args)
     n, e, dv = keys.shape[-2], keys.shape[-1], values.shape[-1]
     keep = key_mask.to(torch.int64)
     lengths = keep.sum(-1)
@@ -115,7 +119,7 @@ def _compress_masked(keys: Tensor, values: Tensor, key_mask: Tensor, compress) -
     order = torch.empty_like(destination).scatter_(-1, destination, source)  # order[j]: origin of slot j
     packed_keys = keys.gather(-2, order[..., None].expand(*order.shape, e))
     packed_values = values.gather(-2, order[..., None].expand(*order.shape, dv))
-    kv = compress(packed_keys, packed_values, lengths)
+    kv = ops.compress_kv(packed_keys, packed_values, *args, lengths)
     indices = order.gather(-1, kv.core_indices)
     return kv._replace(core_indices=indices)
 
@@ -149,16 +153,13 @@ def compress_kv(
     _check_int("r", r, 1)
     _check_int("num_bins", num_bins, 1)
     _check_scale(scale)
-    seed_t = draw_seed(seed, generator, keys.device)
-
-    def compress(k: Tensor, v: Tensor, lengths: Optional[Tensor]) -> CompressedKV:
-        return ops.compress_kv(k, v, r, num_bins, scale, query_norm, seed_t, tau, center_values, tol, lengths)
-
-    if key_mask is None:
-        return compress(keys, values, None)
-    if keys.dim() < 2 or values.shape[:-1] != keys.shape[:-1]:
-        return compress(keys, values, None)  # the op raises its shape error
-    return _compress_masked(keys, values, _check_key_mask("compress_kv", key_mask, keys), compress)
+    if key_mask is not None:
+        if keys.dim() >= 2 and values.shape[:-1] == keys.shape[:-1]:
+            key_mask = _check_key_mask("compress_kv", key_mask, keys)
+        else:
+            key_mask = None  # the op raises its error for these shapes
+    return _compress(keys, values, key_mask, r, num_bins, scale, query_norm, draw_seed(seed, generator, keys.device),
+                     tau, center_values, tol)
 
 
 def coreset_attention(
@@ -349,14 +350,9 @@ def scaled_dot_product_attention(
         return exact()
 
     q_norm = query_norm_per_kv_head(query, kv_heads)
-    seed_t = draw_seed(seed, generator, key.device)
-
-    def compress(k: Tensor, v: Tensor, lengths: Optional[Tensor]) -> CompressedKV:
-        return ops.compress_kv(k, v, r, num_bins, scale, q_norm, seed_t, tau, center_values, tol, lengths)
-
-    if key_mask is None:
-        core = compress(key, value, None)
-    else:
-        core = _compress_masked(key, value, key_mask.expand(key.shape[:-1]), compress)
+    if key_mask is not None:
+        key_mask = key_mask.expand(key.shape[:-1])
+    core = _compress(key, value, key_mask, r, num_bins, scale, q_norm, draw_seed(seed, generator, key.device), tau,
+                     center_values, tol)
     return ops.coreset_attention(query, core.core_keys, core.core_values, core.core_weights, scale,
                                  core.value_min, core.value_max, center_values)

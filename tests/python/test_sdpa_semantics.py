@@ -143,7 +143,7 @@ def test_unsupported_masks_follow_the_fallback_policy(kwargs, reason, monkeypatc
         wildcat.scaled_dot_product_attention(q, k, v, r=4, fallback="error", **kwargs)
 
 
-def test_per_query_head_mask_under_gqa_falls_back(monkeypatch):
+def test_per_query_head_mask_under_gqa_falls_back():
     q, k, v = randn(1, 4, 3, 8), randn(1, 2, 30, 8), randn(1, 2, 30, 8)
     mask = torch.rand(1, 4, 1, 30) < 0.5
     with pytest.raises(NotImplementedError, match="attn_mask"):
