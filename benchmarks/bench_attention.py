@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from timing import call_times_ms
+
 import wildcat
 from wildcat import reference
 
@@ -157,20 +159,7 @@ def bench(fn, device, reps, warmup, budget_s):
     for _ in range(warmup - 1):
         fn()
     n = max(1, min(reps, int(budget_s / max(first, 1e-9))))
-    times = []
-    for _ in range(n):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return out, statistics.median(times), n, peak
+    return out, statistics.median(call_times_ms(fn, n, cuda)), n, peak
 
 
 def sdpa_methods(device, gqa):

@@ -31,11 +31,12 @@ import argparse
 import json
 import math
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from timing import call_times_ms
 
 import wildcat
 from wildcat.cache import compress_kv_cache, decode_attention
@@ -44,27 +45,13 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def timer(device: torch.device):
-    """measure(fn, warmup, iters) -> median seconds per call (CUDA events around each call on
-    the GPU, so host overhead that overlaps queued work is not counted)."""
+    """measure(fn, warmup, iters) -> median seconds per call (benchmarks/timing.py)."""
     def measure(fn, warmup: int, iters: int) -> float:
         for _ in range(warmup):
             fn()
-        samples = []
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-            for _ in range(iters):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end) / 1e3)
-        else:
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                fn()
-                samples.append(time.perf_counter() - t0)
-        return statistics.median(samples)
+        return statistics.median(call_times_ms(fn, iters, device.type == "cuda")) / 1e3
     return measure
 
 
