@@ -379,14 +379,12 @@ def compress_kv(
     core_values, core_weights = scaled[..., :dv], scaled[..., dv]
     indices = torch.cat(out_indices, 1)
     core_keys = keys.reshape(groups, n, e)[torch.arange(groups, device=dev)[:, None], indices]
-    return CompressedKV(
-        core_keys.reshape(*lead, kept, e),
-        core_values.reshape(*lead, kept, dv),
-        core_weights.reshape(*lead, kept),
-        indices.reshape(*lead, kept),
-        value_min.reshape(*lead, dv),
-        value_max.reshape(*lead, dv),
-    )
+    return _with_lead(lead, core_keys, core_values, core_weights, indices, value_min, value_max)
+
+
+def _with_lead(lead, *per_group: Tensor) -> CompressedKV:
+    """The coreset from per-group tensors (groups, ...), with the keys' leading dims restored."""
+    return CompressedKV(*(t.reshape(*lead, *t.shape[1:]) for t in per_group))
 
 
 def _compress_lengths(keys, values, rank, num_bins, scale, query_norm, seed, tau, center_values, tol,
@@ -436,14 +434,7 @@ def _compress_lengths(keys, values, rank, num_bins, scale, query_norm, seed, tau
             out_indices[g, first + length : first + room] = pad
             out_keys[g, first + length : first + room] = k_all[g, pad]
             taken += length
-    return CompressedKV(
-        out_keys.reshape(*lead, kept, e),
-        out_values.reshape(*lead, kept, dv),
-        out_weights.reshape(*lead, kept),
-        out_indices.reshape(*lead, kept),
-        out_min.reshape(*lead, dv),
-        out_max.reshape(*lead, dv),
-    )
+    return _with_lead(lead, out_keys, out_values, out_weights, out_indices, out_min, out_max)
 
 
 def _forced_local_pivots(core_indices: Tensor, lengths, slots, starts) -> Tensor:
