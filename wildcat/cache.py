@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ._types import DEFAULT_TAU, DEFAULT_TOL
-from .functional import compress_kv
+from .functional import _check_int, compress_kv
 
 __all__ = [
     "DEFAULT_R",
@@ -204,18 +204,8 @@ def _resolve_rank(middle: int, r: Optional[int], compression_ratio: Optional[flo
         return max(1, math.ceil(middle / compression_ratio))
     if r is None:
         return DEFAULT_R
-    if isinstance(r, bool) or not isinstance(r, int):
-        raise TypeError(f"wildcat: r must be an int, got {type(r).__name__}")
-    if r < 1:
-        raise ValueError(f"wildcat: r must be >= 1, got {r}")
+    _check_int("r", r, 1)
     return r
-
-
-def _check_count(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"wildcat: {name} must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"wildcat: {name} must be >= 0, got {value}")
 
 
 def compress_kv_cache(
@@ -258,8 +248,8 @@ def compress_kv_cache(
     if keys.shape[:3] != values.shape[:3]:
         raise ValueError(f"wildcat: keys {tuple(keys.shape)} and values {tuple(values.shape)} must match "
                          "in (B, Hkv, N)")
-    _check_count("sink", sink)
-    _check_count("window", window)
+    _check_int("sink", sink, 0)
+    _check_int("window", window, 0)
     batch, kv_heads, n, _ = keys.shape
     sink, window = min(sink, n), min(window, n - min(sink, n))
     middle = n - sink - window
