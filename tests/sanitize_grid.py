@@ -42,6 +42,15 @@ def main() -> int:
     out = wildcat.scaled_dot_product_attention(duplicates, duplicates, duplicates, r=32, seed=2,
                                                min_seq_len=0)  # early stop
     failures += not bool(torch.isfinite(out).all())
+    # the decode path over a cache's live prefix: clusters with 16-byte asynchronous copies
+    # (aligned rows), element-wise copies (rows of 129), several chunks per span (5000 entries)
+    q = torch.randn(2, 32, 1, 128, device=dev).to(torch.bfloat16)
+    for width, size, live in ((128, 700, 577), (129, 700, 577), (128, 5200, 5000)):
+        keys = torch.randn(2, 8, size, width, device=dev).to(torch.bfloat16)
+        values, weights = torch.randn(2, 8, size, width, device=dev), torch.rand(2, 8, size, device=dev)
+        out = wildcat.ops.coreset_attention(q, keys[:, :, :live, -128:], values[:, :, :live, -128:],
+                                            weights[:, :, :live])
+        failures += not bool(torch.isfinite(out).all())
     pivots, kinv, rows = wildcat.ops.rp_nystrom(torch.randn(2, 150, 8, device=dev) * 0.5, 12, seed=3)
     failures += not bool(torch.isfinite(kinv).all() and torch.isfinite(rows).all())
     failures += degenerate_cases(dev)

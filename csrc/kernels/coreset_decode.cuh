@@ -1,19 +1,28 @@
-// Split-entries kernels of coreset_attention for few queries per kv head (decoding), torch-free.
+// Split-entries kernel of coreset_attention for few queries per kv head (decoding), torch-free.
 //
 // With a handful of queries per kv head (one decode step: Hq / Hkv queries), the query-tiled
 // kernels of coreset_attention.cuh run one CTA per query head and walk all r entries serially:
 // 32 CTAs on 132 SMs, about 0.7 ms for 576 entries at E = 128 (benchmarks/NOTES.md). Here the
-// entries of each kv head are split over many CTAs instead ("flash-decoding"):
-//  1. coreset_decode_split: one CTA per (kv group, chunk of entries) computes, for every query of
-//     the group, the chunk's logit maximum m, Σ e^{z-m} w and Σ e^{z-m} V̂;
-//  2. coreset_decode_combine: one CTA per query rescales the chunks to the global maximum, sums
-//     them in a fixed order (deterministic), divides and clamps (the shared epilogue `finish`).
-// The regime is bound by memory latency, not bandwidth (a few MB): each CTA stages its chunk in
-// shared memory with independent loads and one barrier, and many small CTAs overlap their waits.
+// entries of each kv head are split over the CTAs of a thread-block cluster instead
+// ("flash-decoding" in one launch):
+//  1. each CTA of the cluster copies a span of the group's entries to shared memory (cp.async:
+//     every load of the span in flight at once) and computes, for every query of the group, the
+//     span's logit maximum m, Σ e^{z-m} w and Σ e^{z-m} V̂ (online rescaling when the span takes
+//     several chunks). 16-bit keys take tensor cores for the logits (mma.m16n8k16: exact products,
+//     float32 sums, as the other kernels); the value sums stay in float32 (or double) on CUDA
+//     cores, each thread a 16-byte vector of columns for every query;
+//  2. after a cluster barrier, each CTA reads the others' partial results through distributed
+//     shared memory, rescales them to the global maximum, sums them in rank order
+//     (deterministic) and finishes its share of the outputs (divide, clamp: the shared epilogue
+//     `finish`).
+// The regime is bound by latency, not bandwidth (a few MB), so the kernel counts instructions:
+// the query count is a template parameter (no predicated-off work), one launch, one wait for
+// global memory per chunk, no partial results through global memory and no second kernel.
 // Entries are read through strides (the last dim contiguous), so a cache's buffer views need no
 // copy.
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -23,12 +32,50 @@
 namespace wildcat {
 namespace kernels {
 
-constexpr int kDecodeThreads = 128;
-constexpr int kCombineThreads = 1024;
+constexpr int kDecodeThreads = 256;
 constexpr int kDecodeMaxQueries = 16;  // queries per kv head: Hq / Hkv · M
 constexpr int kDecodeMaxDim = 256;
-constexpr int64_t kDecodeMinChunk = 4;
-constexpr int64_t kDecodeMaxChunk = 32;  // the chunk is staged in shared memory
+constexpr int kDecodeMaxCluster = 8;  // the portable cluster size (16 measured slower)
+
+// Shared-memory geometry of one CTA: row strides (elements) and byte offsets, 16-byte aligned.
+struct DecodeLayout {
+  int64_t key_row, value_row;
+  size_t query, keys, values, weights, prob, acc, state, factor, bytes;
+};
+
+__host__ __device__ inline size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+__host__ __device__ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// kQ: the template's query count (at least the group's). 16-bit keys go through mma.m16n8k16.
+template <typename scalar_t, int kQ>
+struct DecodeShape {
+  static constexpr bool kMma = sizeof(scalar_t) == 2;
+  static constexpr int kQueryRows = kMma ? (kQ + 7) / 8 * 8 : kQ;  // whole 8-query mma tiles
+};
+
+template <typename scalar_t, typename T, int kQ>
+__host__ __device__ inline DecodeLayout decode_layout(int64_t e, int64_t dv, int64_t chunk, int64_t cluster) {
+  using Shape = DecodeShape<scalar_t, kQ>;
+  DecodeLayout l{};
+  // mma keys: rows of whole 16-column k steps plus 8 columns, so that a fragment load (8 rows ×
+  // 4 column pairs) hits 32 distinct banks; otherwise packed rows (a warp reads one row)
+  l.key_row = Shape::kMma ? round_up(e, 16) + 8 : e;
+  // values: whole 128-byte lines plus 64 bytes, so that the two rows a quarter-warp reads with
+  // 16-byte loads fall on distinct banks
+  l.value_row = static_cast<int64_t>((round_up(dv * sizeof(T), 128) + 64) / sizeof(T));
+  const int64_t key_rows = Shape::kMma ? round_up(chunk, 16) : chunk;  // whole 16-entry m tiles
+  size_t at = 0;
+  l.query = at, at += align16((Shape::kMma ? sizeof(scalar_t) * l.key_row : sizeof(T) * e) * Shape::kQueryRows);
+  l.keys = at, at += align16(sizeof(scalar_t) * l.key_row * key_rows);
+  l.values = at, at += align16(sizeof(T) * l.value_row * chunk);
+  l.weights = at, at += align16(sizeof(T) * chunk);
+  l.prob = at, at += align16(sizeof(T) * kQ * chunk);
+  l.acc = at, at += align16(sizeof(T) * kQ * dv);
+  l.state = at, at += align16(sizeof(T) * 4 * kQ);
+  l.factor = at, at += align16(sizeof(T) * kQ * cluster);
+  l.bytes = at;
+  return l;
+}
 
 template <typename scalar_t, typename T>
 struct DecodeParams {
@@ -37,40 +84,18 @@ struct DecodeParams {
   const T* values;        // likewise with value_stride
   const T* weights;       // likewise with weight_stride
   int64_t key_stride[3], value_stride[3], weight_stride[3];
+  bool vector_query, vector_keys, vector_values;  // rows 16-byte aligned (pointer, strides): 16-byte copies
   const T* value_min;     // (G, D) or null
   const T* value_max;     // (G, D) or null
   bool center_values;
   double beta;
-  int64_t kv_heads, queries, entries, e, dv, chunk, splits;
-  T* part_max;            // (G, splits, Q)
-  T* part_den;            // (G, splits, Q)
-  T* part_num;            // (G, splits, Q, D)
-  scalar_t* out;          // (G, Q, D)
+  int64_t kv_heads, queries, entries, e, dv;
+  int64_t cluster;  // CTAs per group (a thread-block cluster when > 1), each a span of the entries
+  int64_t span;     // entries per CTA
+  int64_t chunk;    // entries staged in shared memory at a time
+  DecodeLayout layout;
+  scalar_t* out;    // (G, Q, D)
 };
-
-template <typename T>
-__host__ __device__ inline size_t decode_smem_bytes(int64_t queries, int64_t e, int64_t dv, int64_t chunk) {
-  return sizeof(T) * (queries * (e + chunk) + chunk * (e + 1 + dv + 1));
-}
-
-// Threads per value column in the combine: as many as the block holds.
-__host__ __device__ inline int64_t decode_combine_lanes(int64_t dv) {
-  return kCombineThreads / dv > 1 ? kCombineThreads / dv : 1;
-}
-
-// Entries of the scale-factor array: the splits, the denominator, and three of padding: the
-// compiler merges the 1-3 loads of a summation loop's tail into one vector load, which reads past
-// the last factor (memcheck flagged it when the allocation ended there). A multiple of 4, so the
-// partial sums after it stay 16-byte aligned.
-__host__ __device__ inline int64_t decode_combine_scales(int64_t splits) {
-  return (splits + 1 + 3 + 3) / 4 * 4;
-}
-
-template <typename T>
-__host__ __device__ inline size_t decode_combine_smem_bytes(int64_t splits, int64_t dv) {
-  const int64_t partials = decode_combine_lanes(dv) * dv;  // also holds the denominators first
-  return sizeof(T) * (decode_combine_scales(splits) + (partials > splits ? partials : splits));
-}
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -87,192 +112,342 @@ __device__ __forceinline__ T warp_max(T v) {
   return v;
 }
 
-// Copies `count` elements from global to shared memory with kDecodeThreads threads, each loading
-// kStageBatch elements into registers before storing any: the loads of a batch are in flight
-// together, so a chunk costs a few memory latencies instead of one per element.
-constexpr int kStageBatch = 8;
+// 16 bytes to the shared-memory address `shared` (a shared-window offset), asynchronously.
+__device__ __forceinline__ void copy_async_16(unsigned shared, const void* global) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared), "l"(global));
+}
 
-template <typename T, typename Load, typename Store>
-__device__ __forceinline__ void stage(int count, Load load, Store store) {
-  for (int base = threadIdx.x; base < count; base += kDecodeThreads * kStageBatch) {
-    T batch[kStageBatch];
+// One element of 4 or 8 bytes (naturally aligned), asynchronously.
+template <typename E>
+__device__ __forceinline__ void copy_async_element(E* shared, const E* global) {
+  static_assert(sizeof(E) == 4 || sizeof(E) == 8, "cp.async copies 4, 8 or 16 bytes");
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(address), "l"(global), "n"(sizeof(E)));
+}
+
+__device__ __forceinline__ void copy_async_wait() { asm volatile("cp.async.wait_all;\n" ::); }
+
+// Copies rows × cols elements (row i at src + i * row_stride) to dst (row i at dst + i * dst_row).
+// With `vector` (src, row_stride and cols 16-byte multiples; dst and dst_row are) by asynchronous
+// 16-byte copies, all in flight together (the caller waits with copy_async_wait), a thread
+// stepping through its pieces without division; otherwise element by element, kBatch loads in
+// flight per thread.
+template <typename E>
+__device__ __forceinline__ void stage_rows(E* dst, int dst_row, const E* src, int64_t row_stride, int rows, int cols,
+                                           bool vector) {
+  if (vector) {
+    constexpr int kPerCopy = 16 / sizeof(E);
+    const int per_row = cols / kPerCopy;
+    const int row_step = kDecodeThreads / per_row, part_step = kDecodeThreads % per_row;
+    int row = threadIdx.x / per_row, part = threadIdx.x % per_row;
+    // pointers advance by a step, plus a wrap to the next row when the piece index passes the row
+    const E* from = src + row * row_stride + part * kPerCopy;
+    unsigned to = static_cast<unsigned>(__cvta_generic_to_shared(dst + row * dst_row + part * kPerCopy));
+    const int64_t from_step = row_step * row_stride + part_step * kPerCopy, from_wrap = row_stride - cols;
+    const unsigned to_step = sizeof(E) * (row_step * dst_row + part_step * kPerCopy);
+    const unsigned to_wrap = sizeof(E) * (dst_row - cols);
+    while (row < rows) {
+      copy_async_16(to, from);
+      row += row_step, part += part_step, from += from_step, to += to_step;
+      if (part >= per_row) part -= per_row, ++row, from += from_wrap, to += to_wrap;
+    }
+    return;
+  }
+  constexpr int kBatch = 8;
+  const int count = rows * cols;
+  for (int base = threadIdx.x; base < count; base += kDecodeThreads * kBatch) {
+    E batch[kBatch];
 #pragma unroll
-    for (int u = 0; u < kStageBatch; ++u) {
+    for (int u = 0; u < kBatch; ++u) {
       const int o = base + u * kDecodeThreads;
-      batch[u] = o < count ? load(o) : T(0);
+      if (o < count) batch[u] = src[(o / cols) * row_stride + o % cols];
     }
 #pragma unroll
-    for (int u = 0; u < kStageBatch; ++u) {
+    for (int u = 0; u < kBatch; ++u) {
       const int o = base + u * kDecodeThreads;
-      if (o < count) store(o, batch[u]);
+      if (o < count) dst[(o / cols) * dst_row + o % cols] = batch[u];
     }
   }
 }
 
-// One thread's copy of `count` entries of a column, kStageBatch loads in flight at a time.
-template <typename T, typename Load, typename Store>
-__device__ __forceinline__ void stage_column(int count, Load load, Store store) {
-  for (int base = 0; base < count; base += kStageBatch) {
-    T batch[kStageBatch];
+// Logits of a chunk's entries for every query, times β, into prob (kQ × chunk; the template's
+// extra queries are zero rows of the query array, so their logits are 0 and their sums unused).
+// 16-bit keys: a warp per 16-entry m tile, mma.m16n8k16 over the E columns (A: the keys, B: the
+// raw queries, zero-padded to whole tiles); fragment layouts as in coreset_attention.cuh.
+template <typename scalar_t, typename T, int kQ>
+__device__ __forceinline__ void decode_logits_mma(const scalar_t* query_s, const scalar_t* keys_s, T* prob,
+                                                  int key_row, int e, int len, int chunk, T beta) {
+  constexpr int kWarps = kDecodeThreads / 32, kTilesN = DecodeShape<scalar_t, kQ>::kQueryRows / 8;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = lane / 4, quad = lane % 4;
+  const uint32_t* key_words = reinterpret_cast<const uint32_t*>(keys_s);
+  const uint32_t* query_words = reinterpret_cast<const uint32_t*>(query_s);
+  const int row_words = key_row / 2, k_steps = (e + 15) / 16;
+  for (int m0 = warp * 16; m0 < len; m0 += kWarps * 16) {
+    float acc[kTilesN][4] = {};
+    const uint32_t* rows = key_words + (m0 + group) * row_words + quad;
+    for (int kk = 0; kk < k_steps; ++kk) {
+      const uint32_t a[4] = {rows[kk * 8], rows[8 * row_words + kk * 8], rows[kk * 8 + 4],
+                             rows[8 * row_words + kk * 8 + 4]};
 #pragma unroll
-    for (int u = 0; u < kStageBatch; ++u) batch[u] = base + u < count ? load(base + u) : T(0);
+      for (int n = 0; n < kTilesN; ++n) {
+        const uint32_t* b = query_words + (n * 8 + group) * row_words + kk * 8 + quad;
+        mma_16x8x16<scalar_t>(acc[n], a, b[0], b[4]);
+      }
+    }
+    // acc[n][2h + j]: entry m0 + group + 8h, query 8n + 2 quad + j
 #pragma unroll
-    for (int u = 0; u < kStageBatch; ++u) {
-      if (base + u < count) store(base + u, batch[u]);
+    for (int n = 0; n < kTilesN; ++n) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int s = m0 + group + 8 * h, i = 8 * n + 2 * quad + j;
+          if (i < kQ && s < len) prob[i * chunk + s] = static_cast<T>(acc[n][2 * h + j]) * beta;
+        }
+      }
     }
   }
 }
 
-// grid G * splits, block kDecodeThreads, shared memory decode_smem_bytes. The chunk's query,
-// keys, values and weights are staged in shared memory first, every load issued before one
-// barrier: the CTA waits for global memory once, not once per entry.
-template <typename scalar_t, typename T>
-__global__ void __launch_bounds__(kDecodeThreads) coreset_decode_split(DecodeParams<scalar_t, T> p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int64_t e = p.e, dv = p.dv, chunk = p.chunk;
-  T* query_s = reinterpret_cast<T*>(smem_raw);  // Q × E, times β
-  T* keys_s = query_s + p.queries * e;          // chunk × (E + 1): odd row stride, no bank conflicts
-  T* values_s = keys_s + chunk * (e + 1);       // chunk × D
-  T* weights_s = values_s + chunk * dv;         // chunk
-  T* prob_s = weights_s + chunk;                // Q × chunk: logits, then e^{z - m}
+// Wider keys: a warp per entry, lanes over the E columns, every query's dot product at once
+// (the key is read once), then one shuffle sum per query. query_s holds the queries times β.
+template <typename scalar_t, typename T, int kQ>
+__device__ __forceinline__ void decode_logits_simt(const T* query_s, const scalar_t* keys_s, T* prob, int key_row,
+                                                   int e, int len, int chunk) {
   constexpr int kWarps = kDecodeThreads / 32;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t g = blockIdx.x / p.splits, split = blockIdx.x % p.splits;
-  const int64_t b = g / p.kv_heads, h = g % p.kv_heads;
-  const int64_t first = split * chunk;
-  const int64_t len = first < p.entries ? (p.entries - first < chunk ? p.entries - first : chunk) : 0;
-
-  const scalar_t* query = p.query + g * p.queries * e;
-  const scalar_t* keys = p.keys + b * p.key_stride[0] + h * p.key_stride[1] + first * p.key_stride[2];
-  const T* values = p.values + b * p.value_stride[0] + h * p.value_stride[1] + first * p.value_stride[2];
-  const T* weights = p.weights + b * p.weight_stride[0] + h * p.weight_stride[1] + first * p.weight_stride[2];
-  // (indices within a chunk fit 32 bits: at most kDecodeMaxChunk × kDecodeMaxDim)
-  const int ei = static_cast<int>(e), dvi = static_cast<int>(dv);
-  stage<T>(static_cast<int>(p.queries) * ei, [&](int o) { return static_cast<T>(load_acc(query[o])) * static_cast<T>(p.beta); },
-           [&](int o, T x) { query_s[o] = x; });
-  // keys and values column by column: a thread walks the entries of its columns (no index
-  // division), kStageBatch entries in flight
-  const int leni = static_cast<int>(len);
-  for (int c = threadIdx.x; c < ei; c += kDecodeThreads) {
-    stage_column<T>(leni, [&](int s) { return static_cast<T>(load_acc(keys[s * p.key_stride[2] + c])); },
-                    [&](int s, T x) { keys_s[s * (ei + 1) + c] = x; });
-  }
-  for (int c = threadIdx.x; c < dvi; c += kDecodeThreads) {
-    stage_column<T>(leni, [&](int s) { return values[s * p.value_stride[2] + c]; },
-                    [&](int s, T x) { values_s[s * dvi + c] = x; });
-  }
-  stage<T>(static_cast<int>(len), [&](int o) { return weights[o * p.weight_stride[2]]; },
-           [&](int o, T x) { weights_s[o] = x; });
-  __syncthreads();
-
-  // logits: a warp per (query, entry) pair, lanes over the E columns, then a shuffle sum: short
-  // dependency chains (E / 32 multiply-adds and five shuffles) instead of one thread's E-long one
-  const int pairs = static_cast<int>(p.queries * len), chunki = static_cast<int>(chunk);
-  for (int o = warp; o < pairs; o += kWarps) {
-    const int i = o / leni, s = o % leni;
-    const T* q = query_s + i * ei;
-    const T* k = keys_s + s * (ei + 1);
-    T dot = 0;
-    for (int c = lane; c < ei; c += 32) dot += q[c] * k[c];
-    dot = warp_sum(dot);
-    if (lane == 0) prob_s[i * chunki + s] = dot;
-  }
-  __syncthreads();
-
-  // per query (a warp each): the chunk's maximum, e^{z - m} and Σ e^{z - m} w
-  const int64_t part = (g * p.splits + split) * p.queries;
-  for (int64_t i = warp; i < p.queries; i += kWarps) {
-    T* prob = prob_s + i * chunk;
-    T top = -INFINITY;
-    for (int64_t s = lane; s < len; s += 32) top = prob[s] > top ? prob[s] : top;
-    top = warp_max(top);
-    T den = 0;
-    for (int64_t s = lane; s < len; s += 32) {
-      const T e_z = exp(prob[s] - top);
-      prob[s] = e_z;
-      den += e_z * weights_s[s];
+  for (int s = warp; s < len; s += kWarps) {
+    T dot[kQ] = {};
+    for (int c = lane; c < e; c += 32) {
+      const T k = static_cast<T>(load_acc(keys_s[s * key_row + c]));
+#pragma unroll
+      for (int i = 0; i < kQ; ++i) dot[i] += query_s[i * e + c] * k;
     }
-    den = warp_sum(den);
-    if (lane == 0) {
-      p.part_max[part + i] = top;  // -inf for an empty chunk: it weighs 0 in the combine
-      p.part_den[part + i] = den;
+#pragma unroll
+    for (int i = 0; i < kQ; ++i) {
+      const T sum = warp_sum(dot[i]);
+      if (lane == 0) prob[i * chunk + s] = sum;
     }
-  }
-  __syncthreads();
-
-  // Σ e^{z - m} V̂: threads over (query, column), consecutive threads on consecutive columns
-  for (int o = threadIdx.x; o < static_cast<int>(p.queries) * dvi; o += kDecodeThreads) {
-    const int i = o / dvi, c = o % dvi;
-    const T* prob = prob_s + i * chunki;
-    T acc = 0;
-    for (int s = 0; s < leni; ++s) acc += prob[s] * values_s[s * dvi + c];
-    p.part_num[(part + i) * dv + c] = acc;
   }
 }
 
-// grid G * Q, block kCombineThreads, shared memory decode_combine_smem_bytes: the chunks of one
-// query. The chunk maxima are staged in shared memory and turned into the chunks' scale factors
-// e^{m - top} by one warp; then kCombineThreads / D threads per column sum interleaved chunks
-// (several loads in flight per column instead of one chain) and their partial sums are added
-// in a fixed order: deterministic.
-template <typename scalar_t, typename T>
-__global__ void __launch_bounds__(kCombineThreads) coreset_decode_combine(DecodeParams<scalar_t, T> p) {
+// acc (queries × D) = acc · rescale + Σ_s prob[i][s] V̂[s]. A warp per 4 vectors of 16 bytes of
+// columns; lane = 4 · entry group + vector: the 8 entry groups take every 8th entry, each
+// thread holds its vector's sums for all kQ queries, and a fixed butterfly over the groups
+// (deterministic) adds them.
+template <typename T, int kQ>
+__device__ __forceinline__ void decode_values(const T* prob, const T* values_s, const T* rescale, T* acc,
+                                              int value_row, int dv, int queries, int len, int chunk) {
+  constexpr int kWarps = kDecodeThreads / 32, kVec = 16 / sizeof(T);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, entry_group = lane / 4;
+  const int vectors = (dv + kVec - 1) / kVec;
+  for (int v0 = warp * 4; v0 < vectors; v0 += kWarps * 4) {  // warp-uniform: the butterfly needs every lane
+    const int vec = v0 + lane % 4;
+    T part[kQ][kVec] = {};
+    if (vec < vectors) {
+      for (int s = entry_group; s < len; s += 8) {
+        alignas(16) T v[kVec];
+        *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(values_s + s * value_row + vec * kVec);
+#pragma unroll
+        for (int i = 0; i < kQ; ++i) {
+          const T p = prob[i * chunk + s];
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) part[i][j] += p * v[j];
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kQ; ++i) {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        for (int offset = 4; offset < 32; offset <<= 1) part[i][j] += __shfl_xor_sync(0xffffffffu, part[i][j], offset);
+      }
+    }
+    if (vec < vectors) {
+#pragma unroll
+      for (int i = 0; i < kQ; ++i) {
+        if (i % 8 != entry_group || i >= queries) continue;  // the queries of this lane's group
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          const int c = vec * kVec + j;
+          if (c < dv) acc[i * dv + c] = acc[i * dv + c] * rescale[i] + part[i][j];
+        }
+      }
+    }
+  }
+}
+
+// grid G * cluster (clusters of `cluster` CTAs along x when cluster > 1), block kDecodeThreads,
+// shared memory p.layout.bytes; kQ >= p.queries.
+template <typename scalar_t, typename T, int kQ>
+__global__ void __launch_bounds__(kDecodeThreads) coreset_decode(DecodeParams<scalar_t, T> p) {
+  using Shape = DecodeShape<scalar_t, kQ>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* scale_s = reinterpret_cast<T*>(smem_raw);           // splits, the denominator, padding
-  T* partial_s = scale_s + decode_combine_scales(p.splits);  // lanes × D partial numerators
-  const int64_t gq = blockIdx.x;
-  const int64_t g = gq / p.queries, i = gq % p.queries;
-  const int64_t first = g * p.splits * p.queries + i;  // entry of split sp: first + sp * queries
-  T* den_s = partial_s;  // the chunks' denominators, until the partial sums take the space
-  for (int64_t sp = threadIdx.x; sp < p.splits; sp += kCombineThreads) {
-    scale_s[sp] = p.part_max[first + sp * p.queries];
-    den_s[sp] = p.part_den[first + sp * p.queries];
-  }
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    const int lane = threadIdx.x;
-    T top = -INFINITY;
-    for (int64_t sp = lane; sp < p.splits; sp += 32) top = scale_s[sp] > top ? scale_s[sp] : top;
-    top = warp_max(top);
-    T den = 0;
-    for (int64_t sp = lane; sp < p.splits; sp += 32) {
-      const T m = scale_s[sp];
-      const T factor = m > -INFINITY ? exp(m - top) : T(0);  // an empty chunk weighs 0
-      scale_s[sp] = factor;
-      den += factor * den_s[sp];
+  const DecodeLayout& l = p.layout;
+  scalar_t* keys_s = reinterpret_cast<scalar_t*>(smem_raw + l.keys);  // chunk × key_row
+  T* values_s = reinterpret_cast<T*>(smem_raw + l.values);           // chunk × value_row
+  T* weights_s = reinterpret_cast<T*>(smem_raw + l.weights);         // chunk
+  T* prob_s = reinterpret_cast<T*>(smem_raw + l.prob);               // kQ × chunk: logits, then e^{z - m}
+  T* acc_s = reinterpret_cast<T*>(smem_raw + l.acc);                 // queries × D: Σ e^{z - m} V̂
+  T* max_s = reinterpret_cast<T*>(smem_raw + l.state);               // kQ: running maximum m
+  T* den_s = max_s + kQ;                                             // kQ: Σ e^{z - m} w
+  T* rescale_s = den_s + kQ;                                         // kQ: e^{m_old - m_new}
+  T* total_s = rescale_s + kQ;                                       // kQ: the cluster's denominator
+  T* factor_s = reinterpret_cast<T*>(smem_raw + l.factor);           // kQ × cluster: e^{m_rank - top}
+  constexpr int kWarps = kDecodeThreads / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t g = blockIdx.x / p.cluster, rank = blockIdx.x % p.cluster;
+  const int64_t b = g / p.kv_heads, h = g % p.kv_heads;
+  // (indices within a CTA's arrays fit 32 bits: at most kDecodeMaxQueries × kDecodeMaxDim, or a
+  // chunk that fits shared memory)
+  const int queries = static_cast<int>(p.queries), ei = static_cast<int>(p.e), dvi = static_cast<int>(p.dv);
+  const int chunk = static_cast<int>(p.chunk), outputs = queries * dvi;
+  const int key_row = static_cast<int>(l.key_row), value_row = static_cast<int>(l.value_row);
+
+  const int64_t span_first = rank * p.span;
+  const int64_t span_last = span_first + p.span < p.entries ? span_first + p.span : p.entries;
+  // Copies a chunk's keys, values and weights to shared memory, asynchronously where aligned.
+  auto stage_chunk = [&](int64_t first, int len) {
+    const scalar_t* keys = p.keys + b * p.key_stride[0] + h * p.key_stride[1] + first * p.key_stride[2];
+    const T* values = p.values + b * p.value_stride[0] + h * p.value_stride[1] + first * p.value_stride[2];
+    const T* weights = p.weights + b * p.weight_stride[0] + h * p.weight_stride[1] + first * p.weight_stride[2];
+    stage_rows(keys_s, key_row, keys, p.key_stride[2], len, ei, p.vector_keys);
+    stage_rows(values_s, value_row, values, p.value_stride[2], len, dvi, p.vector_values);
+    for (int s = threadIdx.x; s < len; s += kDecodeThreads) copy_async_element(weights_s + s, weights + s * p.weight_stride[2]);
+  };
+  auto chunk_length = [&](int64_t first) {
+    return static_cast<int>(span_last - first < chunk ? span_last - first : chunk);
+  };
+  // the first chunk's copies go out before the setup below, which overlaps their latency
+  if (span_first < span_last) stage_chunk(span_first, chunk_length(span_first));
+
+  const scalar_t* query = p.query + g * p.queries * p.e;
+  if constexpr (Shape::kMma) {
+    // raw queries (β multiplies the logits), zero rows and columns up to whole mma tiles; the
+    // keys' padding columns are zeroed once, as the copies never write them
+    scalar_t* query_s = reinterpret_cast<scalar_t*>(smem_raw + l.query);
+    const scalar_t zero = store_as<scalar_t, float>(0.0f);
+    stage_rows(query_s, key_row, query, ei, queries, ei, p.vector_query);
+    for (int o = threadIdx.x; o < (Shape::kQueryRows - queries) * key_row; o += kDecodeThreads) {
+      query_s[queries * key_row + o] = zero;
     }
-    den = warp_sum(den);
-    if (lane == 0) scale_s[p.splits] = den;
-  }
-  __syncthreads();
-  const int64_t lanes = decode_combine_lanes(p.dv);
-  for (int64_t t = threadIdx.x; t < lanes * p.dv; t += kCombineThreads) {
-    const int64_t lane = t / p.dv, c = t % p.dv;
-    T num = 0;
-    for (int64_t sp0 = lane; sp0 < p.splits; sp0 += lanes * kStageBatch) {  // kStageBatch loads in flight
-      T batch[kStageBatch];
-#pragma unroll
-      for (int u = 0; u < kStageBatch; ++u) {
-        const int64_t sp = sp0 + u * lanes;
-        batch[u] = sp < p.splits ? p.part_num[(first + sp * p.queries) * p.dv + c] : T(0);
+    const int pad = static_cast<int>(round_up(ei, 16)) - ei;
+    if (pad > 0) {
+      for (int o = threadIdx.x; o < queries * pad; o += kDecodeThreads) {
+        query_s[(o / pad) * key_row + ei + o % pad] = zero;
       }
-#pragma unroll
-      for (int u = 0; u < kStageBatch; ++u) {
-        const int64_t sp = sp0 + u * lanes;
-        if (sp < p.splits) num += scale_s[sp] * batch[u];
+      for (int o = threadIdx.x; o < static_cast<int>(round_up(chunk, 16)) * pad; o += kDecodeThreads) {
+        keys_s[(o / pad) * key_row + ei + o % pad] = zero;
       }
     }
-    partial_s[t] = num;
+  } else {
+    T* query_s = reinterpret_cast<T*>(smem_raw + l.query);
+    for (int o = threadIdx.x; o < kQ * ei; o += kDecodeThreads) {
+      query_s[o] = o < queries * ei ? static_cast<T>(load_acc(query[o])) * static_cast<T>(p.beta) : T(0);
+    }
+  }
+  for (int i = threadIdx.x; i < kQ; i += kDecodeThreads) max_s[i] = -INFINITY, den_s[i] = 0;
+  for (int o = threadIdx.x; o < outputs; o += kDecodeThreads) acc_s[o] = 0;
+
+  for (int64_t first = span_first; first < span_last; first += chunk) {
+    const int len = chunk_length(first);
+    if (first != span_first) {
+      __syncthreads();  // the previous chunk's arrays are no longer read
+      stage_chunk(first, len);
+    }
+    copy_async_wait();
+    __syncthreads();
+
+    if constexpr (Shape::kMma) {
+      decode_logits_mma<scalar_t, T, kQ>(reinterpret_cast<const scalar_t*>(smem_raw + l.query), keys_s, prob_s,
+                                         key_row, ei, len, chunk, static_cast<T>(p.beta));
+    } else {
+      decode_logits_simt<scalar_t, T, kQ>(reinterpret_cast<const T*>(smem_raw + l.query), keys_s, prob_s, key_row,
+                                          ei, len, chunk);
+    }
+    __syncthreads();
+
+    // per query (a warp each): the new maximum, e^{z - m}, the rescaled denominator
+    for (int i = warp; i < queries; i += kWarps) {
+      T* prob = prob_s + i * chunk;
+      T top = max_s[i];
+      for (int s = lane; s < len; s += 32) top = prob[s] > top ? prob[s] : top;
+      top = warp_max(top);
+      T den = 0;
+      for (int s = lane; s < len; s += 32) {
+        const T e_z = exp(prob[s] - top);
+        prob[s] = e_z;
+        den += e_z * weights_s[s];
+      }
+      den = warp_sum(den);
+      if (lane == 0) {
+        const T rescale = max_s[i] > -INFINITY ? exp(max_s[i] - top) : T(0);
+        rescale_s[i] = rescale;
+        den_s[i] = den_s[i] * rescale + den;
+        max_s[i] = top;
+      }
+    }
+    __syncthreads();
+    decode_values<T, kQ>(prob_s, values_s, rescale_s, acc_s, value_row, dvi, queries, len, chunk);
   }
   __syncthreads();
-  const T den = scale_s[p.splits];
+
   const T* vmin = p.value_min ? p.value_min + g * p.dv : nullptr;
   const T* vmax = p.value_max ? p.value_max + g * p.dv : nullptr;
-  for (int64_t c = threadIdx.x; c < p.dv; c += kCombineThreads) {
-    T num = 0;
-    for (int64_t lane = 0; lane < lanes; ++lane) num += partial_s[lane * p.dv + c];
-    p.out[gq * p.dv + c] = store_as<scalar_t, T>(finish(num, den, vmin, vmax, p.center_values, c));
+  scalar_t* out = p.out + g * p.queries * p.dv;
+  if (p.cluster == 1) {
+    for (int o = threadIdx.x; o < outputs; o += kDecodeThreads) {
+      out[o] = store_as<scalar_t, T>(finish(acc_s[o], den_s[o / dvi], vmin, vmax, p.center_values, o % dvi));
+    }
+    return;
   }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The cluster's spans: rescale every rank's partial results to the global maximum and sum them
+  // in rank order. Rank k finishes outputs [k · share, (k + 1) · share).
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int ranks = static_cast<int>(p.cluster);
+  cluster.sync();  // every rank's partial results are complete
+  for (int t = threadIdx.x; t < queries * ranks; t += kDecodeThreads) {
+    factor_s[t] = cluster.map_shared_rank(max_s, t % ranks)[t / ranks];
+  }
+  __syncthreads();
+  for (int i = warp; i < queries; i += kWarps) {
+    T top = -INFINITY;
+    for (int k = lane; k < ranks; k += 32) top = factor_s[i * ranks + k] > top ? factor_s[i * ranks + k] : top;
+    top = warp_max(top);
+    T den = 0;
+    for (int k = lane; k < ranks; k += 32) {
+      const T m = factor_s[i * ranks + k];
+      const T factor = m > -INFINITY ? exp(m - top) : T(0);  // an empty span weighs 0
+      factor_s[i * ranks + k] = factor;
+      den += factor * cluster.map_shared_rank(den_s, k)[i];
+    }
+    den = warp_sum(den);
+    if (lane == 0) total_s[i] = den;
+  }
+  __syncthreads();
+  const int share = (outputs + ranks - 1) / ranks;
+  const int own_first = static_cast<int>(rank) * share;
+  const int own_last = own_first + share < outputs ? own_first + share : outputs;
+  for (int o = own_first + static_cast<int>(threadIdx.x); o < own_last; o += kDecodeThreads) {
+    const int i = o / dvi;
+    T part[kDecodeMaxCluster];
+#pragma unroll
+    for (int k = 0; k < kDecodeMaxCluster; ++k) {  // every remote load in flight before the sum
+      if (k < ranks) part[k] = cluster.map_shared_rank(acc_s, k)[o];
+    }
+    T num = 0;
+#pragma unroll
+    for (int k = 0; k < kDecodeMaxCluster; ++k) {
+      if (k < ranks) num += factor_s[i * ranks + k] * part[k];
+    }
+    out[o] = store_as<scalar_t, T>(finish(num, total_s[i], vmin, vmax, p.center_values, o % dvi));
+  }
+  cluster.sync();  // no rank leaves while another still reads its shared memory
+#else
+  __trap();  // the host launches clusters only on sm_90 and newer
+#endif
 }
 
 }  // namespace kernels

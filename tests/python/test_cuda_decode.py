@@ -66,3 +66,33 @@ def test_decode_path_is_deterministic_and_graph_capturable():
     q.copy_(randn(1, 32, 1, 128, dtype=torch.bfloat16, device="cuda"))
     graph.replay()
     assert torch.equal(captured, wildcat.ops.coreset_attention(q, keys, values, weights))
+
+
+def test_misaligned_entry_views_equal_contiguous_copies():
+    """Views whose rows are not 16-byte aligned take the element-wise copy instead of cp.async."""
+    buffer_k = randn(1, 8, 600, 129, dtype=torch.bfloat16, device="cuda")
+    buffer_v = randn(1, 8, 600, 129, device="cuda")
+    buffer_w = torch.rand(1, 8, 600, device="cuda")
+    q = randn(1, 32, 1, 128, dtype=torch.bfloat16, device="cuda")
+    views = buffer_k[:, :, :577, 1:], buffer_v[:, :, :577, 1:], buffer_w[:, :, :577]
+    assert views[0].data_ptr() % 16 != 0
+    got = wildcat.ops.coreset_attention(q, *views)
+    want = wildcat.ops.coreset_attention(q, *(t.contiguous() for t in views))
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("batch,entries", [(1, 577), (6, 577), (40, 300), (3, 5000)])
+def test_decode_path_any_number_of_groups(batch, entries):
+    """One CTA per group when the groups fill the GPU, clusters of up to 8 when they do not, and
+    spans longer than one shared-memory chunk: all within the 2x rule."""
+    q = randn(batch, 32, 1, 128, dtype=torch.bfloat16)
+    keys = randn(batch, 8, entries, 128, dtype=torch.bfloat16)
+    values = randn(batch, 8, entries, 128)
+    weights = torch.rand(batch, 8, entries) * 1.5 - 0.25
+    vmin, vmax = values.amin(-2) - 1, values.amax(-2) + 1
+    out = wildcat.ops.coreset_attention(q.cuda(), keys.cuda(), values.cuda(), weights.cuda(), None, vmin.cuda(),
+                                        vmax.cuda()).cpu()
+    exact64 = ref.coreset_attention(q.double(), keys.double(), values.double(), weights.double(), None,
+                                    vmin.double(), vmax.double())
+    plain = ref.coreset_attention(q, keys, values, weights, None, vmin, vmax)
+    assert (out.double() - exact64).abs().max() <= 2 * (plain.double() - exact64).abs().max()

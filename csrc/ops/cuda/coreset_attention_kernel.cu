@@ -18,6 +18,7 @@ namespace wildcat {
 namespace cuda {
 namespace {
 
+constexpr int64_t kMaxGridX = 2147483647;
 constexpr int64_t kMaxGridY = 65535;
 
 template <typename scalar_t, typename T>
@@ -77,27 +78,67 @@ at::Tensor entries_view(const at::Tensor& t, at::ScalarType type) {
   return typed.stride(-1) == 1 ? typed : typed.contiguous();
 }
 
-// Few queries per kv head (decoding): the entries of every kv head split over many CTAs
-// (csrc/kernels/coreset_decode.cuh). q (B, Hq, M, E) contiguous; k, values (B, Hkv, r, ·) and
-// weights (B, Hkv, r) may be strided views.
-template <typename scalar_t, typename T>
-void launch_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& values, const at::Tensor& weights,
+// Whether rows of `t` (B, H, S, ·) can be copied in 16-byte pieces: pointer, strides and row
+// length 16-byte multiples.
+bool rows_16_byte_aligned(const at::Tensor& t) {
+  const int64_t size = t.element_size();
+  bool aligned = reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 && t.size(-1) * size % 16 == 0;
+  for (int d = 0; d < 3; ++d) aligned = aligned && (t.size(d) == 1 || t.stride(d) * size % 16 == 0);
+  return aligned;
+}
+
+// The decode kernel's geometry: CTAs per group (a cluster), entries per CTA, entries per
+// shared-memory chunk. chunk 0: no chunk fits in shared memory.
+struct DecodeGeometry {
+  int64_t cluster, span, chunk;
+  kernels::DecodeLayout layout;
+};
+
+template <typename cuda_t, typename T, int kQ>
+DecodeGeometry decode_geometry(int64_t groups, int64_t entries, int64_t e, int64_t dv) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  // About one CTA per SM: the work is latency-bound (a few MB), so it wants every SM waiting on
+  // its share at once. Clusters (sm_90) of up to the portable 8 CTAs split a group's entries,
+  // at least 16 entries each.
+  int64_t cluster = 1;
+  if (prop->major >= 9) {
+    while (cluster < kernels::kDecodeMaxCluster && groups * cluster * 2 <= prop->multiProcessorCount &&
+           entries >= cluster * 2 * 16) {
+      cluster *= 2;
+    }
+  }
+  const int64_t span = (entries + cluster - 1) / cluster;
+  // the largest chunk up to the span within about half an SM's shared memory (two CTAs per SM
+  // when there are many groups): the layout grows by at most `per_entry` bytes per entry, plus
+  // 16-entry rounding and alignment
+  const size_t budget = std::min<size_t>(max_shared_memory(), 112 * 1024);
+  const kernels::DecodeLayout empty = kernels::decode_layout<cuda_t, T, kQ>(e, dv, 0, cluster);
+  const size_t per_entry = sizeof(cuda_t) * empty.key_row + sizeof(T) * (empty.value_row + 1 + kQ);
+  const size_t slack = sizeof(cuda_t) * empty.key_row * 16 + 64;
+  const int64_t fit =
+      empty.bytes + slack < budget ? static_cast<int64_t>((budget - empty.bytes - slack) / per_entry) : 0;
+  const int64_t chunk = std::min(span, fit);
+  return {cluster, span, chunk, kernels::decode_layout<cuda_t, T, kQ>(e, dv, chunk, cluster)};
+}
+
+// Few queries per kv head (decoding): the entries of every kv head split over the CTAs of a
+// cluster (csrc/kernels/coreset_decode.cuh), kQ >= Hq / Hkv · M queries per group. q (B, Hq, M, E)
+// contiguous; k, values (B, Hkv, r, ·) and weights (B, Hkv, r) may be strided views. Returns
+// false (launching nothing) when no chunk fits in shared memory.
+template <typename scalar_t, typename T, int kQ>
+bool launch_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& values, const at::Tensor& weights,
                    const std::optional<at::Tensor>& value_min, const std::optional<at::Tensor>& value_max,
                    bool center_values, double beta, int64_t batch, int64_t q_heads, int64_t kv_heads, at::Tensor& out) {
   using cuda_t = typename CudaType<scalar_t>::type;
+  const int64_t groups = batch * kv_heads;
+  const DecodeGeometry geometry = decode_geometry<cuda_t, T, kQ>(groups, k.size(-2), q.size(-1), values.size(-1));
+  if (geometry.chunk == 0) return false;
+  TORCH_CHECK_VALUE(groups * geometry.cluster <= kMaxGridX,
+                    "wildcat.coreset_attention: too many kv heads for one CUDA launch: B * Hkv = ", groups);
   const auto type = c10::CppTypeToScalarType<T>::value;
   const at::Tensor keys = entries_view(k, q.scalar_type());
   const at::Tensor v = entries_view(values, type), w = entries_view(weights, type);
   const std::optional<at::Tensor> lo = as_type(value_min, type), hi = as_type(value_max, type);
-  const int64_t groups = batch * kv_heads, queries = q_heads / kv_heads * q.size(-2), r = k.size(-2);
-  // about eight CTAs per SM, each a chunk of kDecodeMinChunk..kDecodeMaxChunk entries (staged in
-  // shared memory): the work is latency-bound (a few MB), so it wants many warps in flight
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t target = std::max<int64_t>(1, (8 * sms + groups - 1) / groups);
-  const int64_t chunk = std::clamp<int64_t>((r + target - 1) / target, kernels::kDecodeMinChunk, kernels::kDecodeMaxChunk);
-  const int64_t splits = (r + chunk - 1) / chunk;
-  // per (group, split, query): the maximum, the denominator and the D numerators
-  at::Tensor part = at::empty({groups * splits * queries * (values.size(-1) + 2)}, q.options().dtype(type));
   kernels::DecodeParams<cuda_t, T> p{};
   p.query = device_ptr<scalar_t>(q);
   p.keys = device_ptr<scalar_t>(keys);
@@ -108,53 +149,76 @@ void launch_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     p.value_stride[d] = v.stride(d);
     p.weight_stride[d] = w.stride(d);
   }
+  p.vector_query = reinterpret_cast<uintptr_t>(q.const_data_ptr()) % 16 == 0 && q.size(-1) * q.element_size() % 16 == 0;
+  p.vector_keys = rows_16_byte_aligned(keys);
+  p.vector_values = rows_16_byte_aligned(v);
   p.value_min = lo ? lo->const_data_ptr<T>() : nullptr;
   p.value_max = hi ? hi->const_data_ptr<T>() : nullptr;
   p.center_values = center_values;
   p.beta = beta;
   p.kv_heads = kv_heads;
-  p.queries = queries;
-  p.entries = r;
+  p.queries = q_heads / kv_heads * q.size(-2);
+  p.entries = k.size(-2);
   p.e = q.size(-1);
   p.dv = values.size(-1);
-  p.chunk = chunk;
-  p.splits = splits;
-  p.part_max = part.mutable_data_ptr<T>();
-  p.part_den = p.part_max + groups * splits * queries;
-  p.part_num = p.part_den + groups * splits * queries;
+  p.cluster = geometry.cluster;
+  p.span = geometry.span;
+  p.chunk = geometry.chunk;
+  p.layout = geometry.layout;
   p.out = reinterpret_cast<cuda_t*>(out.mutable_data_ptr<scalar_t>());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const size_t smem = kernels::decode_smem_bytes<T>(queries, p.e, p.dv, chunk);
-  auto split_kernel = kernels::coreset_decode_split<cuda_t, T>;
-  allow_shared_memory(split_kernel, smem);
-  split_kernel<<<groups * splits, kernels::kDecodeThreads, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const size_t combine_smem = kernels::decode_combine_smem_bytes<T>(splits, p.dv);
-  auto combine_kernel = kernels::coreset_decode_combine<cuda_t, T>;
-  allow_shared_memory(combine_kernel, combine_smem);
-  combine_kernel<<<groups * queries, kernels::kCombineThreads, combine_smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto kernel = kernels::coreset_decode<cuda_t, T, kQ>;
+  allow_shared_memory(kernel, geometry.layout.bytes);
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(groups * geometry.cluster));
+  config.blockDim = dim3(kernels::kDecodeThreads);
+  config.dynamicSmemBytes = geometry.layout.bytes;
+  config.stream = at::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = static_cast<unsigned>(geometry.cluster);
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = geometry.cluster > 1 ? 1 : 0;  // no cluster attribute before sm_90
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+  return true;
+}
+
+// The decode kernel instantiated for the next power of two of the group's query count.
+template <typename scalar_t, typename T>
+bool decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& values, const at::Tensor& weights,
+            const std::optional<at::Tensor>& value_min, const std::optional<at::Tensor>& value_max, bool center_values,
+            double beta, int64_t batch, int64_t q_heads, int64_t kv_heads, at::Tensor& out) {
+  const int64_t queries = q_heads / kv_heads * q.size(-2);
+  static_assert(kernels::kDecodeMaxQueries == 16, "one instantiation per power of two up to the maximum");
+  auto launch = [&](auto q_count) {
+    return launch_decode<scalar_t, T, decltype(q_count)::value>(q, k, values, weights, value_min, value_max,
+                                                                center_values, beta, batch, q_heads, kv_heads, out);
+  };
+  if (queries <= 1) return launch(std::integral_constant<int, 1>{});
+  if (queries <= 2) return launch(std::integral_constant<int, 2>{});
+  if (queries <= 4) return launch(std::integral_constant<int, 4>{});
+  if (queries <= 8) return launch(std::integral_constant<int, 8>{});
+  return launch(std::integral_constant<int, 16>{});
 }
 
 template <typename scalar_t>
-void attend_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& values, const at::Tensor& weights,
+void attend_typed(const at::Tensor& q, const at::Tensor& k_view, const at::Tensor& values, const at::Tensor& weights,
                   const std::optional<at::Tensor>& value_min, const std::optional<at::Tensor>& value_max,
                   bool center_values, double beta, int64_t batch, int64_t q_heads, int64_t kv_heads, at::Tensor& out) {
   using cuda_t = typename CudaType<scalar_t>::type;
-  const int64_t m = q.size(-2), e = q.size(-1), r = k.size(-2), dv = values.size(-1);
+  const int64_t m = q.size(-2), e = q.size(-1), r = k_view.size(-2), dv = values.size(-1);
   const int64_t bh = batch * q_heads;
   constexpr bool wide = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
   using Acc = std::conditional_t<wide, double, float>;  // float32 accumulates in double, as below
 
   if (q_heads / kv_heads * m <= kernels::kDecodeMaxQueries && e <= kernels::kDecodeMaxDim &&
       dv <= kernels::kDecodeMaxDim && r > 0 &&
-      kernels::decode_smem_bytes<Acc>(q_heads / kv_heads * m, e, dv, kernels::kDecodeMaxChunk) <= max_shared_memory() &&
-      kernels::decode_combine_smem_bytes<Acc>((r + kernels::kDecodeMaxChunk - 1) / kernels::kDecodeMaxChunk, dv) <=
-          max_shared_memory()) {
-    launch_decode<scalar_t, Acc>(q, k, values, weights, value_min, value_max, center_values, beta, batch, q_heads,
-                                 kv_heads, out);
+      decode<scalar_t, Acc>(q, k_view, values, weights, value_min, value_max, center_values, beta, batch, q_heads,
+                            kv_heads, out)) {
     return;
   }
+  const at::Tensor& k = k_view;
 
   // The tensor-core path multiplies P V̂ in TF32, whose 10-bit mantissa is below bfloat16's
   // output rounding but as coarse as float16's: float16 measured up to 2.1x the float32 oracle's
