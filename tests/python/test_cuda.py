@@ -85,6 +85,22 @@ def test_attention_kernels_against_oracle(dtype, e, dv, rank):
     assert err <= 2 * err_plain, (float(err), float(err_plain))
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("m,e", [(1, 64), (64, 64), (64, 32), (70, 128)])
+def test_attention_reads_strided_entry_views(dtype, m, e):
+    """Entries as the live prefix of over-allocated buffers (a KV cache's views), on every kernel
+    (decode, tensor-core and general): equal to contiguous copies, and to the CPU op."""
+    buffers = (randn(2, 4, 300, e, dtype=dtype, device="cuda"), randn(2, 4, 300, e, device="cuda"),
+               torch.rand(2, 4, 300, device="cuda"))
+    views = tuple(t[:, :, :200] for t in buffers)
+    assert not views[0].is_contiguous()
+    q = randn(2, 8, m, e, dtype=dtype, device="cuda")
+    got = wildcat.ops.coreset_attention(q, *views)
+    assert torch.equal(got, wildcat.ops.coreset_attention(q, *(t.contiguous() for t in views)))
+    on_cpu = wildcat.ops.coreset_attention(q.cpu(), *(t.cpu() for t in views))
+    torch.testing.assert_close(got.cpu().float(), on_cpu.float(), atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("dtype", FLOATS + [torch.float64])
 @pytest.mark.parametrize("n,rank,bins", [(1, 1, 1), (97, 97, 1), (97, 128, 5), (1025, 1025, 16)])
 def test_rank_at_least_length_is_exact(dtype, n, rank, bins):

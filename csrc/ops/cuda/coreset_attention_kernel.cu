@@ -218,7 +218,9 @@ void attend_typed(const at::Tensor& q, const at::Tensor& k_view, const at::Tenso
                             kv_heads, out)) {
     return;
   }
-  const at::Tensor& k = k_view;
+  // The query-tiled kernels index the keys as packed (B, Hkv, r, E); a view (a cache's live
+  // prefix, a transpose) is copied. Values and weights are converted to contiguous below.
+  const at::Tensor k = k_view.contiguous();
 
   // The tensor-core path multiplies P V̂ in TF32, whose 10-bit mantissa is below bfloat16's
   // output rounding but as coarse as float16's: float16 measured up to 2.1x the float32 oracle's
