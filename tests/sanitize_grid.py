@@ -51,6 +51,14 @@ def main() -> int:
         out = wildcat.ops.coreset_attention(q, keys[:, :, :live, -128:], values[:, :, :live, -128:],
                                             weights[:, :, :live])
         failures += not bool(torch.isfinite(out).all())
+    # the tensor-core kernel with several query blocks per warp (the next block's copy in flight),
+    # a partial last block and a padded last key chunk (r = 100)
+    for e in (64, 128):
+        q = torch.randn(1, 32, 4000, e, device=dev).to(torch.bfloat16)
+        keys = torch.randn(1, 32, 100, e, device=dev).to(torch.bfloat16)
+        out = wildcat.ops.coreset_attention(q, keys, torch.randn(1, 32, 100, e, device=dev),
+                                            torch.rand(1, 32, 100, device=dev))
+        failures += not bool(torch.isfinite(out).all())
     pivots, kinv, rows = wildcat.ops.rp_nystrom(torch.randn(2, 150, 8, device=dev) * 0.5, 12, seed=3)
     failures += not bool(torch.isfinite(kinv).all() and torch.isfinite(rows).all())
     failures += degenerate_cases(dev)

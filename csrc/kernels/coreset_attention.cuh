@@ -39,6 +39,7 @@ struct AttentionParams {
   double beta;
   int64_t q_heads, kv_heads, m, r, e, dv;
   int64_t tiles_per_cta;   // mma kernel: query tiles of kMmaTileRows handled by one CTA
+  int query_stages;        // mma kernel: per-warp query buffers (2: the next block loads during this one)
   scalar_t* out;           // (B, Hq, M, D)
 };
 
@@ -208,10 +209,13 @@ constexpr int kMmaValuePad = 4;         // floats of padding per value row: no b
 
 __host__ __device__ inline int64_t mma_padded_rank(int64_t r) { return (r + kMmaChunk - 1) / kMmaChunk * kMmaChunk; }
 
+// The coreset (keys, TF32 values, weights, bounds), then `stages` buffers per warp of its 16 query
+// rows, which also stage the warp's output block.
 template <int kDim>
-__host__ __device__ inline size_t mma_smem_bytes(int64_t r) {
+__host__ __device__ inline size_t mma_smem_bytes(int64_t r, int stages) {
   const int64_t rp = mma_padded_rank(r);
-  return rp * (kDim + kMmaKeyPad) * 2 + rp * (kDim + kMmaValuePad) * 4 + rp * 4 + 2 * kDim * 4;
+  return rp * (kDim + kMmaKeyPad) * 2 + rp * (kDim + kMmaValuePad) * 4 + rp * 4 + 2 * kDim * 4 +
+         static_cast<size_t>(kMmaWarps) * stages * 16 * (kDim + kMmaKeyPad) * 2;
 }
 
 __device__ __forceinline__ uint32_t to_tf32(float x) {
@@ -251,35 +255,91 @@ __device__ __forceinline__ void mma_tf32_16x8x8(float (&d)[4], uint32_t a0, uint
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// 16 bytes from global to shared memory, asynchronously; `valid` false writes zeros instead.
+__device__ __forceinline__ void copy_async_16_or_zero(unsigned shared, const void* global, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared), "l"(global), "r"(valid ? 16 : 0));
+}
+
+// Two 16-bit values as one 32-bit word, the first in the low half (memory order).
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t pack_pair(scalar_t low, scalar_t high) {
+  static_assert(sizeof(scalar_t) == 2, "16-bit values");
+  uint16_t a, b;
+  memcpy(&a, &low, 2);
+  memcpy(&b, &high, 2);
+  return static_cast<uint32_t>(a) | static_cast<uint32_t>(b) << 16;
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], unsigned shared) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared));
+}
+
 // grid (B * Hq, ceil(tiles / tiles_per_cta)), block 256. The kv head's coreset is loaded into
 // shared memory once, then the CTA walks its query tiles. Fragment layouts are those of the PTX
 // ISA for mma.m16n8k16 / m16n8k8: lane = 4 * group + quad; a thread holds rows group and
 // group + 8 and columns 2 * quad, 2 * quad + 1 of every 8-column tile.
+// E = D = 64 fits two CTAs per SM in shared memory, and in registers (at most 128) too.
 template <typename scalar_t, int kDim>
-__global__ void __launch_bounds__(kMmaWarps * 32) coreset_attention_mma(AttentionParams<scalar_t, float> p) {
+__global__ void __launch_bounds__(kMmaWarps * 32, kDim == 64 ? 2 : 1)
+    coreset_attention_mma(AttentionParams<scalar_t, float> p) {
   constexpr int kKeyStride = kDim + kMmaKeyPad;      // 16-bit elements
   constexpr int kValueStride = kDim + kMmaValuePad;  // floats
   constexpr int kSteps = kDim / 16;                  // k-steps of Q Kᵀ
   constexpr int kTiles = kDim / 8;                   // 8-column tiles of the output
+  constexpr int kPieces = kDim * 2 / 16;             // 16-byte pieces of a query or output row
+  // ldmatrix for the keys and 16-byte value loads: fewer instructions but more registers. At
+  // E = D = 64 they cost the second CTA per SM (measured slower: benchmarks/NOTES.md).
+  constexpr bool kWideLoads = kDim == 128;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t rp = mma_padded_rank(p.r);
   scalar_t* keys_s = reinterpret_cast<scalar_t*>(smem_raw);
-  float* values_s = reinterpret_cast<float*>(keys_s + rp * kKeyStride);
+  float* values_s = reinterpret_cast<float*>(keys_s + rp * kKeyStride);  // TF32 bit patterns
   float* weights_s = values_s + rp * kValueStride;
   float* vmin_s = weights_s + rp;
   float* vmax_s = vmin_s + kDim;
-
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = lane / 4, quad = lane % 4;
+  // this warp's query buffers: 16 rows of kKeyStride elements (the padding keeps ldmatrix and the
+  // output block's 32-bit writes free of bank conflicts)
+  scalar_t* rows_s = reinterpret_cast<scalar_t*>(vmax_s + kDim) + warp * p.query_stages * 16 * kKeyStride;
+  const unsigned rows_address = static_cast<unsigned>(__cvta_generic_to_shared(rows_s));
+  constexpr unsigned kBufferBytes = 16 * kKeyStride * 2;
+
   const int64_t bh = blockIdx.x;
   const int64_t batch = bh / p.q_heads, head = bh % p.q_heads;
   const int64_t kvh = batch * p.kv_heads + head / (p.q_heads / p.kv_heads);
+  const int64_t tiles = (p.m + kMmaTileRows - 1) / kMmaTileRows;
+  const int64_t tile_first = blockIdx.y * p.tiles_per_cta;
+  const int64_t tile_last = tile_first + p.tiles_per_cta < tiles ? tile_first + p.tiles_per_cta : tiles;
+  // The warp's 16 rows of a tile: row0 + 0..15. Each lane copies kPieces / 2 pieces of 16 bytes.
+  auto block_row0 = [&](int64_t tile) { return tile * kMmaTileRows + warp * 16; };
+  auto load_block = [&](int64_t tile, int buffer) {
+    const int64_t row0 = block_row0(tile);
+    for (int piece = lane; piece < 16 * kPieces; piece += 32) {
+      const int row = piece / kPieces, part = piece % kPieces;
+      const bool valid = row0 + row < p.m;
+      const scalar_t* src = p.query + (bh * p.m + (valid ? row0 + row : 0)) * kDim + part * 8;
+      copy_async_16_or_zero(rows_address + buffer * kBufferBytes + (row * kKeyStride + part * 8) * 2, src, valid);
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  };
+  // the first block's copies go out before the coreset is staged, which overlaps their latency
+  if (tile_first < tile_last) load_block(tile_first, 0);
 
-  // Stage the coreset (padding slots: zero key, value and weight; masked from the softmax).
+  // Stage the coreset (padding slots: zero key, value and weight; masked from the softmax). The
+  // values are rounded to TF32 once here, not per use. With kWideLoads their columns are permuted
+  // so that the B fragments a lane needs from one value row (column 8 d + group of every output
+  // tile d) lie in whole 16-byte vectors: position (d / 4) · 32 + group · 4 + d % 4. With a row
+  // stride of 4 (mod 32) floats, the 8 lanes of a quarter-warp (2 groups × 4 rows 2 quad) hit
+  // distinct 16-byte bank groups.
   for (int64_t i = threadIdx.x; i < rp * kDim; i += blockDim.x) {
     const int64_t s = i / kDim, c = i % kDim;
     keys_s[s * kKeyStride + c] = s < p.r ? p.keys[(kvh * p.r + s) * kDim + c] : store_as<scalar_t>(0.0f);
-    values_s[s * kValueStride + c] = s < p.r ? p.values[(kvh * p.r + s) * kDim + c] : 0.0f;
+    const int64_t d = c / 8, g = c % 8;  // column c = 8 d + g of the output tile d, lane group g
+    values_s[s * kValueStride + (kWideLoads ? (d / 4) * 32 + g * 4 + d % 4 : c)] =
+        __uint_as_float(to_tf32(s < p.r ? p.values[(kvh * p.r + s) * kDim + c] : 0.0f));
   }
   for (int64_t s = threadIdx.x; s < rp; s += blockDim.x) weights_s[s] = s < p.r ? p.weights[kvh * p.r + s] : 0.0f;
   for (int64_t c = threadIdx.x; c < kDim; c += blockDim.x) {
@@ -288,23 +348,23 @@ __global__ void __launch_bounds__(kMmaWarps * 32) coreset_attention_mma(Attentio
   }
   __syncthreads();
   const float scale_log2 = static_cast<float>(p.beta * 1.4426950408889634);  // exp(x) = exp2(x log2 e)
-  const int64_t tiles = (p.m + kMmaTileRows - 1) / kMmaTileRows;
+  const unsigned keys_address = static_cast<unsigned>(__cvta_generic_to_shared(keys_s));
 
-  for (int64_t t = 0; t < p.tiles_per_cta; ++t) {
-    const int64_t tile = blockIdx.y * p.tiles_per_cta + t;
-    if (tile >= tiles) break;
-    const int64_t row0 = tile * kMmaTileRows + warp * 16 + group;  // this thread's rows: row0, row0 + 8
-    const scalar_t* q0 = p.query + (bh * p.m + row0) * kDim;
-    const scalar_t* q1 = q0 + 8 * kDim;
-    const bool has0 = row0 < p.m, has1 = row0 + 8 < p.m;
+  for (int64_t tile = tile_first; tile < tile_last; ++tile) {
+    const int buffer = p.query_stages == 2 ? static_cast<int>((tile - tile_first) % 2) : 0;
+    const bool prefetch = p.query_stages == 2 && tile + 1 < tile_last;
+    if (prefetch) load_block(tile + 1, buffer ^ 1);  // in flight while this block computes
+    if (prefetch) {
+      asm volatile("cp.async.wait_group 1;\n" ::);
+    } else {
+      asm volatile("cp.async.wait_group 0;\n" ::);
+    }
+    __syncwarp();
+    const unsigned block_address = rows_address + buffer * kBufferBytes;
     uint32_t qa[kSteps][4];
 #pragma unroll
-    for (int k = 0; k < kSteps; ++k) {
-      const int c = 16 * k + 2 * quad;
-      qa[k][0] = has0 ? *reinterpret_cast<const uint32_t*>(q0 + c) : 0u;
-      qa[k][1] = has1 ? *reinterpret_cast<const uint32_t*>(q1 + c) : 0u;
-      qa[k][2] = has0 ? *reinterpret_cast<const uint32_t*>(q0 + c + 8) : 0u;
-      qa[k][3] = has1 ? *reinterpret_cast<const uint32_t*>(q1 + c + 8) : 0u;
+    for (int k = 0; k < kSteps; ++k) {  // lane l addresses row l % 16, columns 16 k + 8 (l / 16)
+      ldmatrix_x4(qa[k], block_address + ((lane % 16) * kKeyStride + 16 * k + 8 * (lane / 16)) * 2);
     }
     float acc[kTiles][4];
 #pragma unroll
@@ -316,22 +376,35 @@ __global__ void __launch_bounds__(kMmaWarps * 32) coreset_attention_mma(Attentio
 #pragma unroll
       for (int n = 0; n < kMmaChunk / 8; ++n) {
         sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
-        const scalar_t* krow = keys_s + (s0 + 8 * n + group) * kKeyStride + 2 * quad;
+        if constexpr (kWideLoads) {
+          // B fragments of two k-steps per ldmatrix: keys s0 + 8 n + 0..7 (lane % 8), columns
+          // 16 k + 8 (lane / 8): matrices b0, b1 of step k, then of step k + 1
+          const unsigned krow = keys_address + ((s0 + 8 * n + lane % 8) * kKeyStride + 8 * (lane / 8)) * 2;
 #pragma unroll
-        for (int k = 0; k < kSteps; ++k) {
-          const uint32_t b0 = *reinterpret_cast<const uint32_t*>(krow + 16 * k);
-          const uint32_t b1 = *reinterpret_cast<const uint32_t*>(krow + 16 * k + 8);
-          mma_16x8x16<scalar_t>(sc[n], qa[k], b0, b1);
+          for (int k = 0; k < kSteps; k += 2) {
+            uint32_t b[4];
+            ldmatrix_x4(b, krow + 16 * k * 2);
+            mma_16x8x16<scalar_t>(sc[n], qa[k], b[0], b[1]);
+            mma_16x8x16<scalar_t>(sc[n], qa[k + 1], b[2], b[3]);
+          }
+        } else {
+          const scalar_t* krow = keys_s + (s0 + 8 * n + group) * kKeyStride + 2 * quad;
+#pragma unroll
+          for (int k = 0; k < kSteps; ++k) {
+            const uint32_t b0 = *reinterpret_cast<const uint32_t*>(krow + 16 * k);
+            const uint32_t b1 = *reinterpret_cast<const uint32_t*>(krow + 16 * k + 8);
+            mma_16x8x16<scalar_t>(sc[n], qa[k], b0, b1);
+          }
         }
       }
       // online softmax in base 2; padding slots get -inf
       float chunk_max[2] = {-INFINITY, -INFINITY};
+      const int live = static_cast<int>(p.r - s0) - 2 * quad;  // this lane's slots 8 n + (v & 1) below it are real
 #pragma unroll
       for (int n = 0; n < kMmaChunk / 8; ++n) {
 #pragma unroll
         for (int v = 0; v < 4; ++v) {
-          const int64_t s = s0 + 8 * n + 2 * quad + (v & 1);
-          sc[n][v] = s < p.r ? sc[n][v] * scale_log2 : -INFINITY;
+          sc[n][v] = 8 * n + (v & 1) < live ? sc[n][v] * scale_log2 : -INFINITY;
           chunk_max[v / 2] = fmaxf(chunk_max[v / 2], sc[n][v]);
         }
       }
@@ -364,11 +437,25 @@ __global__ void __launch_bounds__(kMmaWarps * 32) coreset_attention_mma(Attentio
       for (int n = 0; n < kMmaChunk / 8; ++n) {
         const uint32_t a0 = to_tf32(sc[n][0]), a1 = to_tf32(sc[n][2]);
         const uint32_t a2 = to_tf32(sc[n][1]), a3 = to_tf32(sc[n][3]);
-        const float* v0 = values_s + (s0 + 8 * n + 2 * quad) * kValueStride + group;
-        const float* v1 = v0 + kValueStride;
+        if constexpr (kWideLoads) {
+          const float* v0 = values_s + (s0 + 8 * n + 2 * quad) * kValueStride + group * 4;
+          const float* v1 = v0 + kValueStride;
 #pragma unroll
-        for (int d = 0; d < kTiles; ++d) {
-          mma_tf32_16x8x8(acc[d], a0, a1, a2, a3, to_tf32(v0[8 * d]), to_tf32(v1[8 * d]));
+          for (int j = 0; j < kTiles / 4; ++j) {  // output tiles 4 j .. 4 j + 3
+            const float4 x0 = *reinterpret_cast<const float4*>(v0 + 32 * j);
+            const float4 x1 = *reinterpret_cast<const float4*>(v1 + 32 * j);
+            mma_tf32_16x8x8(acc[4 * j], a0, a1, a2, a3, __float_as_uint(x0.x), __float_as_uint(x1.x));
+            mma_tf32_16x8x8(acc[4 * j + 1], a0, a1, a2, a3, __float_as_uint(x0.y), __float_as_uint(x1.y));
+            mma_tf32_16x8x8(acc[4 * j + 2], a0, a1, a2, a3, __float_as_uint(x0.z), __float_as_uint(x1.z));
+            mma_tf32_16x8x8(acc[4 * j + 3], a0, a1, a2, a3, __float_as_uint(x0.w), __float_as_uint(x1.w));
+          }
+        } else {
+          const float* v0 = values_s + (s0 + 8 * n + 2 * quad) * kValueStride + group;
+          const float* v1 = v0 + kValueStride;
+#pragma unroll
+          for (int d = 0; d < kTiles; ++d) {
+            mma_tf32_16x8x8(acc[d], a0, a1, a2, a3, __float_as_uint(v0[8 * d]), __float_as_uint(v1[8 * d]));
+          }
         }
       }
     }
@@ -377,20 +464,33 @@ __global__ void __launch_bounds__(kMmaWarps * 32) coreset_attention_mma(Attentio
       den[h] += __shfl_xor_sync(0xffffffffu, den[h], 1);
       den[h] += __shfl_xor_sync(0xffffffffu, den[h], 2);
     }
+    // The output block goes through this block's query buffer (its fragments are in registers):
+    // 32-bit pairs in, then whole 16-byte pieces of each row out to global memory.
+    __syncwarp();
+    uint32_t* out_s = reinterpret_cast<uint32_t*>(rows_s + buffer * 16 * kKeyStride);
 #pragma unroll
     for (int d = 0; d < kTiles; ++d) {
 #pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        const int h = v / 2;
-        const int64_t row = row0 + 8 * h;
-        const int c = 8 * d + 2 * quad + (v & 1);
-        if (row < p.m) {
-          const float y = finish(acc[d][v], den[h], p.value_min ? vmin_s : nullptr,
-                                 p.value_max ? vmax_s : nullptr, p.center_values, c);
-          p.out[(bh * p.m + row) * kDim + c] = store_as<scalar_t>(y);
-        }
+      for (int h = 0; h < 2; ++h) {
+        const int c = 8 * d + 2 * quad;
+        const float y0 = finish(acc[d][2 * h], den[h], p.value_min ? vmin_s : nullptr, p.value_max ? vmax_s : nullptr,
+                                p.center_values, c);
+        const float y1 = finish(acc[d][2 * h + 1], den[h], p.value_min ? vmin_s : nullptr,
+                                p.value_max ? vmax_s : nullptr, p.center_values, c + 1);
+        out_s[((group + 8 * h) * kKeyStride + c) / 2] = pack_pair(store_as<scalar_t>(y0), store_as<scalar_t>(y1));
       }
     }
+    __syncwarp();
+    const int64_t row0 = block_row0(tile);
+    for (int piece = lane; piece < 16 * kPieces; piece += 32) {
+      const int row = piece / kPieces, part = piece % kPieces;
+      if (row0 + row < p.m) {
+        *reinterpret_cast<uint4*>(p.out + (bh * p.m + row0 + row) * kDim + part * 8) =
+            *reinterpret_cast<const uint4*>(rows_s + buffer * 16 * kKeyStride + row * kKeyStride + part * 8);
+      }
+    }
+    __syncwarp();  // the buffer is free for the block after next (or, with one stage, the next)
+    if (p.query_stages == 1 && tile + 1 < tile_last) load_block(tile + 1, 0);
   }
 }
 

@@ -227,8 +227,14 @@ void attend_typed(const at::Tensor& q, const at::Tensor& k_view, const at::Tenso
   // error there (benchmarks/NOTES.md), so it takes the general kernel.
   if constexpr (std::is_same_v<cuda_t, __nv_bfloat16>) {
     const bool dim64 = e == 64 && dv == 64, dim128 = e == 128 && dv == 128;
-    const size_t smem = dim64 ? kernels::mma_smem_bytes<64>(r) : kernels::mma_smem_bytes<128>(r);
-    // the fast kernel loads query pairs as 32-bit words
+    // two query buffers per warp (the next block loads while this one computes) where shared
+    // memory allows, else one
+    auto smem_for = [&](int stages) {
+      return dim64 ? kernels::mma_smem_bytes<64>(r, stages) : kernels::mma_smem_bytes<128>(r, stages);
+    };
+    const int stages = smem_for(2) <= max_shared_memory() ? 2 : 1;
+    const size_t smem = smem_for(stages);
+    // the fast kernel copies query rows in 16-byte pieces
     const bool aligned = reinterpret_cast<uintptr_t>(q.const_data_ptr()) % 16 == 0;
     if ((dim64 || dim128) && aligned && smem <= max_shared_memory()) {
       const at::Tensor v = values.to(at::kFloat).contiguous(), w = weights.to(at::kFloat).contiguous();
@@ -239,6 +245,7 @@ void attend_typed(const at::Tensor& q, const at::Tensor& k_view, const at::Tenso
       const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
       p.tiles_per_cta = std::max<int64_t>(1, tiles * bh / (sms * 2));
       p.tiles_per_cta = std::max(p.tiles_per_cta, (tiles + kMaxGridY - 1) / kMaxGridY);
+      p.query_stages = stages;
       const dim3 grid(bh, (tiles + p.tiles_per_cta - 1) / p.tiles_per_cta);
       auto kernel = dim64 ? kernels::coreset_attention_mma<cuda_t, 64> : kernels::coreset_attention_mma<cuda_t, 128>;
       allow_shared_memory(kernel, smem);
