@@ -168,7 +168,6 @@ struct PivotParams {
   double* kinv;               // (G*C, slots_max, slots_max), zero-initialised
   int64_t* pivots;            // (G*C, slots_max): local indices
   int32_t* counts;            // (G*C): pivots taken; -1 for a bin kept exactly
-  double* key_scale_out;      // (G*C): m
   double* max_sq_norm;        // (G*C): s_ref, the bin's largest s
 };
 
@@ -324,7 +323,6 @@ __global__ void __launch_bounds__(kThreads) pivot_kernel(PivotParams<scalar_t, T
   }
   s_max = block_max<kThreads>(s_max, scratch);
   if (threadIdx.x == 0) {
-    p.key_scale_out[gb] = m;
     p.max_sq_norm[gb] = s_max;
   }
   best = block_argmax<kThreads>(best, arg_scratch);

@@ -27,7 +27,7 @@ constexpr int64_t kStatsChunk = 2048;    // points per CTA of the group statisti
 // Workspace of the pivot kernel for G groups of C bins (layout in compress.cuh).
 template <typename T>
 struct PivotWorkspace {
-  at::Tensor residual, sq_norm, rows, kinv, pivots, counts, key_scale, max_sq_norm;
+  at::Tensor residual, sq_norm, rows, kinv, pivots, counts, max_sq_norm;
   int64_t slots_max, length_max;
 
   PivotWorkspace(const at::TensorOptions& device, int64_t rows_count, int64_t rank, int64_t n,
@@ -42,7 +42,6 @@ struct PivotWorkspace {
     kinv = at::zeros({rows_count, slots_max, slots_max}, device.dtype(at::kDouble));
     pivots = at::empty({rows_count, slots_max}, device.dtype(at::kLong));
     counts = at::empty({rows_count}, device.dtype(at::kInt));
-    key_scale = at::empty({rows_count}, device.dtype(at::kDouble));
     max_sq_norm = at::empty({rows_count}, device.dtype(at::kDouble));
   }
 };
@@ -85,7 +84,6 @@ void launch_pivots(const at::Tensor& points, const float* key_mean, const T* que
   p.kinv = ws.kinv.template mutable_data_ptr<double>();
   p.pivots = ws.pivots.template mutable_data_ptr<int64_t>();
   p.counts = ws.counts.template mutable_data_ptr<int32_t>();
-  p.key_scale_out = ws.key_scale.template mutable_data_ptr<double>();
   p.max_sq_norm = ws.max_sq_norm.template mutable_data_ptr<double>();
   auto kernel = kernels::pivot_kernel<cuda_t, T, kPivotThreads>;
   allow_shared_memory(kernel, smem);
