@@ -2,7 +2,7 @@
 
 H = 32 heads, r = 128 coreset entries, bfloat16 queries and keys, float32 values and weights (as
 compress_kv returns them); M query rows per head for each M, E = D for each head dim. Prints the
-median of 20 CUDA-event timings per shape and the HBM bandwidth it implies, counting the bytes
+median of 20 CUDA-event timings per shape (benchmarks/timing.py) and the HBM bandwidth it implies, counting the bytes
 the phase must move: the queries read and the outputs written (2 · H · M · D · 2 bytes; the
 coreset, under 2 MB, stays in L2). Issue #3 asks this phase to reach 60% of the H100's
 3.35 TB/s at M >= 65,536.
@@ -10,7 +10,11 @@ coreset, under 2 MB, stays in L2). Issue #3 asks this phase to reach 60% of the 
     python benchmarks/bench_attention_phase.py
 """
 
+import statistics
+
 import torch
+
+from timing import call_times_ms
 
 import wildcat
 
@@ -33,15 +37,8 @@ def main() -> None:
             for _ in range(3):
                 call()
             torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            times = []
-            for _ in range(20):
-                start.record()
-                call()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            ms = sorted(times)[len(times) // 2]
+            times = call_times_ms(call, 20, cuda=True)
+            ms = statistics.median(times)
             gigabytes = 2 * q.numel() * q.element_size() / 1e9
             print(f"D={dim} M={m}: {ms:.3f} ms, {gigabytes / ms:.2f} TB/s = "
                   f"{100 * gigabytes / ms / HBM_TB_PER_S:.1f}% of {HBM_TB_PER_S} TB/s")
