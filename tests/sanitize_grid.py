@@ -24,6 +24,9 @@ def main() -> int:
         (torch.float64, 64, 64, 4, 16, 8, 2, 2, 9),          # every bin exact
         (torch.bfloat16, 2500, 24, 1, 64, 64, 2, 2, 40),     # keys streamed from global memory
         (torch.bfloat16, 130, 200, 1, 64, 64, 2, 2, 17),     # r > N
+        (torch.bfloat16, 9000, 24, 2, 64, 64, 2, 2, 40),     # resident bins over clusters of 5 CTAs
+        (torch.float16, 3000, 24, 2, 128, 128, 2, 2, 33),    # resident, E = 128, 3 CTAs
+        (torch.bfloat16, 20000, 8, 2, 64, 64, 2, 1, 9),      # resident, 10 CTAs (non-portable cluster)
     ]
     for dtype, n, r, bins, e, dv, hq, hkv, m in cases:
         q = torch.randn(1, hq, m, e, device=dev).to(dtype)

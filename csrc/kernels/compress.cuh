@@ -107,6 +107,80 @@ __global__ void group_stats_partial_kernel(StatsParams<scalar_t> p) {
   }
 }
 
+// The same partial statistics from 16-byte loads, for rows of 16-byte multiples whose pieces per
+// row (E / kVec and D / kVec) divide kThreads: thread t reads piece t % pieces of every
+// (kThreads / pieces)-th row, four rows in flight, so each warp reads whole rows. Key sums in
+// double (exact for 16-bit keys), value bounds in double (exact); the row groups are combined in a
+// fixed order.
+template <typename scalar_t>
+__device__ __forceinline__ void unpack_piece(const uint4& raw, double (&out)[16 / sizeof(scalar_t)]) {
+  scalar_t v[16 / sizeof(scalar_t)];
+  memcpy(v, &raw, sizeof raw);
+#pragma unroll
+  for (int i = 0; i < 16 / static_cast<int>(sizeof(scalar_t)); ++i) out[i] = static_cast<double>(to_acc(v[i]));
+}
+
+template <typename scalar_t, int kThreads>
+__global__ void __launch_bounds__(kThreads) group_stats_vector_kernel(StatsParams<scalar_t> p) {
+  constexpr int kVec = 16 / sizeof(scalar_t), kInFlight = 4;
+  __shared__ double partial[2][kThreads * kVec];
+  const int64_t g = blockIdx.x, split = blockIdx.y;
+  const int64_t first = split * p.chunk;
+  const int64_t valid = group_length(p.lengths, g, p.n);
+  const int64_t last = first + p.chunk < valid ? first + p.chunk : valid;
+  const int64_t out = g * p.splits + split;
+  const int t = threadIdx.x;
+  // Folds the pieces of this thread's rows into acc (f(acc, x) per element; `twice`: a second
+  // accumulator acc2 with f2, for the value bounds), then writes the row groups' fixed-order
+  // combination of each column to out0 (and out1).
+  auto reduce = [&](const scalar_t* rows, int64_t width, double init, double init2, auto&& f, auto&& f2, bool twice,
+                    double* out0, double* out1) {
+    const int pieces = static_cast<int>(width / kVec), row_step = kThreads / pieces;
+    double acc[kVec], acc2[kVec];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) acc[i] = init, acc2[i] = init2;
+    const uint4* src = reinterpret_cast<const uint4*>(rows + (g * p.n) * width) + t % pieces;
+    int64_t l = first + t / pieces;
+    for (; l + (kInFlight - 1) * row_step < last; l += kInFlight * row_step) {
+      uint4 raw[kInFlight];
+#pragma unroll
+      for (int k = 0; k < kInFlight; ++k) raw[k] = src[(l + k * row_step) * pieces];
+#pragma unroll
+      for (int k = 0; k < kInFlight; ++k) {
+        double x[kVec];
+        unpack_piece<scalar_t>(raw[k], x);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) acc[i] = f(acc[i], x[i]), acc2[i] = twice ? f2(acc2[i], x[i]) : acc2[i];
+      }
+    }
+    for (; l < last; l += row_step) {
+      double x[kVec];
+      unpack_piece<scalar_t>(src[l * pieces], x);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[i] = f(acc[i], x[i]), acc2[i] = twice ? f2(acc2[i], x[i]) : acc2[i];
+    }
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) partial[0][t * kVec + i] = acc[i], partial[1][t * kVec + i] = acc2[i];
+    __syncthreads();
+    for (int c = t; c < width; c += kThreads) {
+      double r = init, r2 = init2;
+      for (int group = 0; group < row_step; ++group) {
+        const int at = (group * pieces + c / kVec) * kVec + c % kVec;
+        r = f(r, partial[0][at]);
+        r2 = f2(r2, partial[1][at]);
+      }
+      out0[c] = r;
+      if (twice) out1[c] = r2;
+    }
+    __syncthreads();
+  };
+  const auto add = [](double a, double x) { return a + x; };
+  const auto low = [](double a, double x) { return x < a ? x : a; };
+  const auto high = [](double a, double x) { return x > a ? x : a; };
+  reduce(p.keys, p.e, 0.0, 0.0, add, add, false, p.key_sum + out * p.e, nullptr);
+  reduce(p.values, p.dv, DBL_MAX, -DBL_MAX, low, high, true, p.value_min + out * p.dv, p.value_max + out * p.dv);
+}
+
 template <typename T>
 struct StatsFinalizeParams {
   const double* key_sum;
@@ -553,27 +627,40 @@ struct WriteGroupParams {
 template <typename T, int kThreads>
 __global__ void __launch_bounds__(kThreads) write_group_kernel(WriteGroupParams<T> p) {
   __shared__ double scratch[kThreads / 32 + 1];
+  constexpr int kWarps = kThreads / 32;
   const int64_t g = blockIdx.x, cols = p.dv + 1;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const double* scaled = p.scaled + g * p.kept * cols;
   const double* log_scale = p.log_scale + g * p.kept;
+  // a warp per slot: the slot's largest |entry|, then one logarithm per slot (log is monotonic)
   double top = -INFINITY;
-  for (int64_t o = threadIdx.x; o < p.kept * cols; o += kThreads) {
-    const double x = fabs(scaled[o]);
-    if (x > 0) {
-      const double magnitude = log(x) + log_scale[o / cols];
+  for (int64_t i = warp; i < p.kept; i += kWarps) {
+    double largest = 0;
+    for (int64_t c = lane; c < cols; c += 32) {
+      const double x = fabs(scaled[i * cols + c]);
+      largest = x > largest ? x : largest;
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      const double other = __shfl_xor_sync(0xffffffffu, largest, offset);
+      largest = other > largest ? other : largest;
+    }
+    if (largest > 0) {
+      const double magnitude = log(largest) + log_scale[i];
       top = magnitude > top ? magnitude : top;
     }
   }
   top = block_max<kThreads>(top, scratch);
   const double limit = log(static_cast<double>(sizeof(T) == 4 ? FLT_MAX : DBL_MAX)) - log(2.0 * p.kept);
   const double shift = top > limit ? top - limit : 0.0;
-  for (int64_t o = threadIdx.x; o < p.kept * cols; o += kThreads) {
-    const int64_t i = o / cols, c = o % cols;
-    const T y = static_cast<T>(scaled_product(scaled[o], log_scale[i] - shift, exp(log_scale[i] - shift)));
-    if (c < p.dv) {
-      p.core_values[(g * p.kept + i) * p.dv + c] = y;
-    } else {
-      p.core_weights[g * p.kept + i] = y;
+  for (int64_t i = warp; i < p.kept; i += kWarps) {
+    const double a = log_scale[i] - shift, factor = exp(a);  // one exponential per slot
+    for (int64_t c = lane; c < cols; c += 32) {
+      const T y = static_cast<T>(scaled_product(scaled[i * cols + c], a, factor));
+      if (c < p.dv) {
+        p.core_values[(g * p.kept + i) * p.dv + c] = y;
+      } else {
+        p.core_weights[g * p.kept + i] = y;
+      }
     }
   }
 }

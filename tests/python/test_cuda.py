@@ -23,7 +23,10 @@ def to(device, *tensors):
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize(
     "n,rank,bins,e,dv",
-    [(97, 16, 3, 32, 16), (1025, 64, 4, 64, 64), (4096, 128, 16, 64, 64), (3000, 32, 1, 128, 64), (20000, 24, 1, 64, 64)],
+    [(97, 16, 3, 32, 16), (1025, 64, 4, 64, 64), (4096, 128, 16, 64, 64), (3000, 32, 1, 128, 64), (20000, 24, 1, 64, 64),
+     # the resident path with bins split over clusters: 4 CTAs and two blocks of 8 slots; E = 128
+     # over 5 CTAs, the last one shorter; 10 CTAs (a non-portable cluster size)
+     (8192, 32, 2, 64, 64), (5000, 24, 2, 128, 128), (20000, 8, 2, 64, 64)],
 )
 def test_compress_picks_the_cpu_pivots(dtype, n, rank, bins, e, dv):
     """Same seed, same pivots as the CPU code in at least 99% of groups; equal pivots give equal
@@ -34,14 +37,47 @@ def test_compress_picks_the_cpu_pivots(dtype, n, rank, bins, e, dv):
     q_norm = torch.rand(groups) * 4 + 6
     cpu = wildcat.ops.compress_kv(k, v, rank, bins, None, q_norm, 123)
     gpu = wildcat.ops.compress_kv(*to("cuda", k, v), rank, bins, None, q_norm.cuda(), 123)
+    assert_same_compression(gpu, cpu)
+
+
+def assert_same_compression(gpu, cpu):
     same = (gpu.core_indices.cpu() == cpu.core_indices).all(-1)
-    assert same.float().mean() >= 0.99, f"{int((~same).sum())} of {groups} groups differ"
+    assert same.float().mean() >= 0.99, f"{int((~same).sum())} of {same.numel()} groups differ"
     assert torch.equal(gpu.value_min.cpu(), cpu.value_min) and torch.equal(gpu.value_max.cpu(), cpu.value_max)
     assert torch.equal(gpu.core_keys.cpu()[same], cpu.core_keys[same])
     for name in ("core_values", "core_weights"):
         a, b = getattr(gpu, name).cpu()[same].double(), getattr(cpu, name)[same].double()
         scale = b.abs().amax(dim=tuple(range(1, b.dim())), keepdim=True).clamp_min(1.0)
         assert ((a - b).abs() / scale).max() < 2e-4, name
+
+
+@pytest.mark.parametrize("e", [64, 128])
+def test_compress_with_lengths_picks_the_cpu_pivots(e):
+    """Key padding on the resident path: groups whose valid keys end inside a CTA's slice, at a
+    slice boundary, leave whole CTAs of a cluster without points, or have no keys at all."""
+    groups, n, rank, bins = 8, 6000, 16, 2
+    k, v = randn(groups, n, e, dtype=torch.bfloat16), randn(groups, n, e, dtype=torch.bfloat16)
+    lengths = torch.tensor([n, 5999, 4097, 2048, 1500, 40, 17, 0])
+    q_norm = torch.rand(groups) * 4 + 6
+    cpu = wildcat.ops.compress_kv(k, v, rank, bins, None, q_norm, 5, lengths=lengths)
+    gpu = wildcat.ops.compress_kv(*to("cuda", k, v), rank, bins, None, q_norm.cuda(), 5, lengths=lengths.cuda())
+    assert_same_compression(gpu, cpu)
+
+
+@pytest.mark.parametrize("dtype,e,dv,path", [
+    (torch.bfloat16, 64, 64, "resident_bin_kernel"), (torch.float16, 128, 128, "resident_bin_kernel"),
+    (torch.float32, 64, 64, "pivot_kernel"), (torch.bfloat16, 64, 32, "pivot_kernel")])
+def test_compress_takes_the_resident_path_where_it_applies(dtype, e, dv, path):
+    """The tests above exercise the path they mean to: 16-bit keys with E = D in {64, 128} take the
+    cluster-resident kernel, other shapes the general pivot kernel."""
+    k, v = randn(4, 3000, e, dtype=dtype).cuda(), randn(4, 3000, dv, dtype=dtype).cuda()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        wildcat.ops.compress_kv(k, v, 32, 2, None, None, 1)
+        torch.cuda.synchronize()
+    names = [event.name for event in prof.events()]
+    assert any(path in name for name in names), sorted(set(names))
+    other = "pivot_kernel" if path == "resident_bin_kernel" else "resident_bin_kernel"
+    assert not any(other in name for name in names), sorted(set(names))
 
 
 @pytest.mark.parametrize("dtype", FLOATS)

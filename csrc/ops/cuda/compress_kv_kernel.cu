@@ -10,6 +10,7 @@
 #include <limits>
 #include <tuple>
 
+#include "../../kernels/compress_resident.cuh"
 #include "../checks.h"
 #include "../outputs.h"
 #include "cuda_utils.h"
@@ -23,22 +24,27 @@ constexpr int kWeightsThreads = 256;
 constexpr int kFinalizeThreads = 256;
 constexpr int64_t kWeightsChunk = 1024;  // points per CTA of the weighted sums
 constexpr int64_t kStatsChunk = 2048;    // points per CTA of the group statistics
+constexpr int64_t kStatsVectorChunk = 512;  // points per CTA of the vector statistics kernel
+constexpr int kStatsThreads = 256;
 
-// Workspace of the pivot kernel for G groups of C bins (layout in compress.cuh).
+// Workspace of the pivot kernel for G groups of C bins (layout in compress.cuh). The resident path
+// keeps residuals and kernel rows on chip: `per_point` false leaves them unallocated.
 template <typename T>
 struct PivotWorkspace {
   at::Tensor residual, sq_norm, rows, kinv, pivots, counts, max_sq_norm;
   int64_t slots_max, length_max;
 
   PivotWorkspace(const at::TensorOptions& device, int64_t rows_count, int64_t rank, int64_t n,
-                 int64_t num_bins, bool zero_rows) {
+                 int64_t num_bins, bool zero_rows, bool per_point = true) {
     const auto acc = c10::CppTypeToScalarType<T>::value;
     slots_max = (rank + num_bins - 1) / num_bins;
     length_max = (n + num_bins - 1) / num_bins;
-    residual = at::empty({rows_count, length_max}, device.dtype(acc));
     sq_norm = at::empty({rows_count, length_max}, device.dtype(at::kDouble));
-    rows = zero_rows ? at::zeros({rows_count, slots_max, length_max}, device.dtype(acc))
-                     : at::empty({rows_count, slots_max, length_max}, device.dtype(acc));
+    if (per_point) {
+      residual = at::empty({rows_count, length_max}, device.dtype(acc));
+      rows = zero_rows ? at::zeros({rows_count, slots_max, length_max}, device.dtype(acc))
+                       : at::empty({rows_count, slots_max, length_max}, device.dtype(acc));
+    }
     kinv = at::zeros({rows_count, slots_max, slots_max}, device.dtype(at::kDouble));
     pivots = at::empty({rows_count, slots_max}, device.dtype(at::kLong));
     counts = at::empty({rows_count}, device.dtype(at::kInt));
@@ -91,6 +97,90 @@ void launch_pivots(const at::Tensor& points, const float* key_mean, const T* que
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The resident path (compress_resident.cuh): its CTAs per bin and points per CTA, or cluster = 0
+// where it does not apply (then the general pivot and weighted-sum kernels run).
+struct ResidentPlan {
+  int cluster = 0, slice = 0, threads = 0;
+  size_t smem = 0;
+};
+
+// The resident kernel's launch configuration for `plan`, with `attribute` as its cluster shape.
+template <typename cuda_t, int kE>
+cudaLaunchConfig_t resident_config(const ResidentPlan& plan, int64_t bins_total, cudaStream_t stream,
+                                   cudaLaunchAttribute& attribute) {
+  auto kernel = kernels::resident_bin_kernel<cuda_t, kE>;
+  allow_shared_memory(kernel, plan.smem);
+  if (plan.cluster > 8) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  }
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(bins_total * plan.cluster));
+  config.blockDim = dim3(static_cast<unsigned>(plan.threads));
+  config.dynamicSmemBytes = plan.smem;
+  config.stream = stream;
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = static_cast<unsigned>(plan.cluster);
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  return config;
+}
+
+template <typename cuda_t, int kE>
+int resident_clusters_that_fit(const ResidentPlan& plan) {
+  cudaLaunchAttribute attribute{};
+  const cudaLaunchConfig_t config = resident_config<cuda_t, kE>(plan, 1, nullptr, attribute);
+  int active = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&active, kernels::resident_bin_kernel<cuda_t, kE>, &config));
+  return active;
+}
+
+template <typename cuda_t, int kE>
+void launch_resident(const ResidentPlan& plan, kernels::ResidentParams<cuda_t>& p, int64_t bins_total,
+                     cudaStream_t stream) {
+  cudaLaunchAttribute attribute{};
+  const cudaLaunchConfig_t config = resident_config<cuda_t, kE>(plan, bins_total, stream, attribute);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernels::resident_bin_kernel<cuda_t, kE>, p));
+}
+
+template <typename cuda_t>
+ResidentPlan plan_resident(const at::Tensor& keys, const at::Tensor& values, int64_t e, int64_t dv,
+                           int64_t slots_max, int64_t length_max) {
+  ResidentPlan plan;
+  if constexpr (!std::is_same_v<cuda_t, __half> && !std::is_same_v<cuda_t, __nv_bfloat16>) {
+    return plan;  // 16-bit keys and values only
+  } else {
+    if (e != dv || (e != 64 && e != 128) || slots_max > kernels::kResidentMaxSlots) return plan;
+    if (at::cuda::getCurrentDeviceProperties()->major < 9) return plan;  // clusters: sm_90
+    const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
+    if (!aligned(keys) || !aligned(values)) return plan;
+    const int64_t points = e == 64 ? kernels::ResidentShape<64>::kPoints : kernels::ResidentShape<128>::kPoints;
+    const int64_t slice_max = kernels::kResidentMaxThreads * points;
+    const int64_t cluster = (length_max + slice_max - 1) / slice_max;
+    if (cluster > kernels::kResidentMaxCluster) return plan;
+    const int64_t granule = 32 * points;  // whole warps of threads
+    const int64_t slice = ((length_max + cluster - 1) / cluster + granule - 1) / granule * granule;
+    const size_t smem = kernels::resident_layout(static_cast<int>(e), static_cast<int>(slice), slots_max).bytes;
+    if (smem > max_shared_memory()) return plan;
+    plan.cluster = static_cast<int>(cluster);
+    plan.slice = static_cast<int>(slice);
+    plan.threads = static_cast<int>(slice / points);
+    plan.smem = smem;
+    // a cluster beyond the portable 8 CTAs is allowed only where the device can co-schedule it
+    if (cluster > 8) {
+      int active = 0;
+      if (e == 64) {
+        active = resident_clusters_that_fit<cuda_t, 64>(plan);
+      } else {
+        active = resident_clusters_that_fit<cuda_t, 128>(plan);
+      }
+      if (active < 1) plan.cluster = 0;
+    }
+    return plan;
+  }
+}
+
 template <typename scalar_t>
 void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t rank, int64_t num_bins,
                     double beta, const std::optional<at::Tensor>& query_norm, const int64_t* lengths,
@@ -113,16 +203,32 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   // 1. statistics
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(64, (n + kStatsChunk - 1) / kStatsChunk));
+  // rows of 16-byte pieces whose count per row divides the block: the vector kernel, which reads
+  // chunks of kStatsVectorChunk rows; otherwise the element-wise kernel over at most 64 splits
+  constexpr int64_t kVec = 16 / sizeof(cuda_t);
+  const auto fits_block = [&](int64_t width) {
+    const int64_t pieces = width / kVec;
+    return width % kVec == 0 && pieces > 0 && kStatsThreads % pieces == 0;
+  };
+  const bool vector_stats = fits_block(e) && fits_block(dv) &&
+                            reinterpret_cast<uintptr_t>(keys.const_data_ptr()) % 16 == 0 &&
+                            reinterpret_cast<uintptr_t>(values.const_data_ptr()) % 16 == 0;
+  const int64_t splits =  // grid y: at most 65,535 (longer chunks beyond 33M keys per group)
+      vector_stats ? std::clamp<int64_t>((n + kStatsVectorChunk - 1) / kStatsVectorChunk, 1, 65535)
+                   : std::max<int64_t>(1, std::min<int64_t>(64, (n + kStatsChunk - 1) / kStatsChunk));
   const int64_t chunk = (n + splits - 1) / splits;
   at::Tensor key_sum = at::empty({groups, splits, e}, device.dtype(at::kDouble));
   at::Tensor part_min = at::empty({groups, splits, dv}, device.dtype(at::kDouble));
   at::Tensor part_max = at::empty({groups, splits, dv}, device.dtype(at::kDouble));
   at::Tensor key_mean = at::empty({groups, e}, device.dtype(at::kFloat));
-  kernels::group_stats_partial_kernel<cuda_t><<<dim3(groups, splits), dim3(32, 8), 0, stream>>>(
-      kernels::StatsParams<cuda_t>{device_ptr<scalar_t>(keys), device_ptr<scalar_t>(values), lengths, n, e, dv, splits, chunk,
-                                   key_sum.mutable_data_ptr<double>(), part_min.mutable_data_ptr<double>(),
-                                   part_max.mutable_data_ptr<double>()});
+  const kernels::StatsParams<cuda_t> sp{device_ptr<scalar_t>(keys), device_ptr<scalar_t>(values), lengths, n, e, dv, splits,
+                                        chunk, key_sum.mutable_data_ptr<double>(), part_min.mutable_data_ptr<double>(),
+                                        part_max.mutable_data_ptr<double>()};
+  if (vector_stats) {
+    kernels::group_stats_vector_kernel<cuda_t, kStatsThreads><<<dim3(groups, splits), kStatsThreads, 0, stream>>>(sp);
+  } else {
+    kernels::group_stats_partial_kernel<cuda_t><<<dim3(groups, splits), dim3(32, 8), 0, stream>>>(sp);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   kernels::group_stats_finalize_kernel<T><<<groups, 256, 0, stream>>>(kernels::StatsFinalizeParams<T>{
       key_sum.const_data_ptr<double>(), part_min.const_data_ptr<double>(), part_max.const_data_ptr<double>(), lengths, n, e,
@@ -130,22 +236,52 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
       value_max.mutable_data_ptr<T>()});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // 2. pivots (bins kept exactly are skipped inside)
-  PivotWorkspace<T> ws(device, groups * num_bins, rank, n, num_bins, /*zero_rows=*/false);
+  // 2-3. pivots (bins kept exactly are skipped inside) and the weighted sums over chunks of points
+  const int64_t slots_max = (rank + num_bins - 1) / num_bins, length_max = (n + num_bins - 1) / num_bins;
+  const bool any_sampled = rank < n;  // else every bin is kept exactly
+  const ResidentPlan plan = any_sampled ? plan_resident<cuda_t>(keys, values, e, dv, slots_max, length_max)
+                                        : ResidentPlan{};
+  PivotWorkspace<T> ws(device, groups * num_bins, rank, n, num_bins, /*zero_rows=*/false,
+                       /*per_point=*/plan.cluster == 0);
   std::optional<at::Tensor> qn;
   if (query_norm) qn = query_norm->reshape({groups}).to(c10::CppTypeToScalarType<T>::value).contiguous();
-  const bool any_sampled = rank < n;  // else every bin is kept exactly
-  if (any_sampled) {
+  const int64_t sums_chunk = plan.cluster > 0 ? plan.slice : kWeightsChunk;  // points per partial sum
+  const int64_t chunks_max = plan.cluster > 0 ? plan.cluster : (ws.length_max + kWeightsChunk - 1) / kWeightsChunk;
+  at::Tensor partial = at::empty({groups * num_bins, chunks_max, ws.slots_max, dv + 1}, device.dtype(at::kDouble));
+  if (plan.cluster > 0) {
+    if constexpr (std::is_same_v<cuda_t, __half> || std::is_same_v<cuda_t, __nv_bfloat16>) {
+      kernels::ResidentParams<cuda_t> rp{};
+      rp.keys = device_ptr<scalar_t>(keys);
+      rp.values = device_ptr<scalar_t>(values);
+      rp.key_mean = key_mean.const_data_ptr<float>();
+      rp.query_norm = qn ? qn->const_data_ptr<float>() : nullptr;
+      rp.lengths = lengths;
+      rp.n = n;
+      rp.num_bins = num_bins;
+      rp.rank = rank;
+      rp.slots_max = ws.slots_max;
+      rp.length_max = ws.length_max;
+      rp.slice = plan.slice;
+      rp.cluster = plan.cluster;
+      rp.beta = beta;
+      rp.tau = tau;
+      rp.tol = static_cast<float>(tol);
+      rp.seed = seed;
+      rp.sq_norm = ws.sq_norm.template mutable_data_ptr<double>();
+      rp.kinv = ws.kinv.template mutable_data_ptr<double>();
+      rp.pivots = ws.pivots.template mutable_data_ptr<int64_t>();
+      rp.counts = ws.counts.template mutable_data_ptr<int32_t>();
+      rp.max_sq_norm = ws.max_sq_norm.template mutable_data_ptr<double>();
+      rp.partial = partial.mutable_data_ptr<double>();
+      if (e == 64) {
+        launch_resident<cuda_t, 64>(plan, rp, groups * num_bins, stream);
+      } else {
+        launch_resident<cuda_t, 128>(plan, rp, groups * num_bins, stream);
+      }
+    }
+  } else if (any_sampled) {
     launch_pivots<scalar_t, T>(keys, key_mean.const_data_ptr<float>(), qn ? qn->const_data_ptr<T>() : nullptr,
                                lengths, groups, n, e, num_bins, rank, beta, tau, tol, seed, false, ws, stream);
-  } else {
-    ws.counts.fill_(-1);
-  }
-
-  // 3. weighted sums over chunks of points
-  const int64_t chunks_max = (ws.length_max + kWeightsChunk - 1) / kWeightsChunk;
-  at::Tensor partial = at::empty({groups * num_bins, chunks_max, ws.slots_max, dv + 1}, device.dtype(at::kDouble));
-  if (any_sampled) {
     kernels::WeightsParams<cuda_t, T> wp{device_ptr<scalar_t>(values), ws.rows.template const_data_ptr<T>(),
                                          ws.sq_norm.template const_data_ptr<double>(), ws.max_sq_norm.template const_data_ptr<double>(),
                                          ws.counts.template const_data_ptr<int32_t>(), lengths, n, dv, num_bins, ws.slots_max,
@@ -153,6 +289,8 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
     kernels::weights_partial_kernel<cuda_t, T, kWeightsThreads>
         <<<dim3(groups * num_bins, chunks_max), kWeightsThreads, kWeightsChunk * sizeof(double), stream>>>(wp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    ws.counts.fill_(-1);
   }
 
   // 4. the coreset
@@ -164,7 +302,7 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
                                         ws.max_sq_norm.template const_data_ptr<double>(), ws.pivots.template const_data_ptr<int64_t>(),
                                         ws.counts.template const_data_ptr<int32_t>(), value_min.const_data_ptr<T>(),
                                         value_max.const_data_ptr<T>(), lengths, center_values, n, dv, rank, num_bins, kept,
-                                        ws.slots_max, ws.length_max, kWeightsChunk, chunks_max,
+                                        ws.slots_max, ws.length_max, sums_chunk, chunks_max,
                                         rhs.mutable_data_ptr<double>(), scaled.mutable_data_ptr<double>(),
                                         log_scale.mutable_data_ptr<double>(), core_indices.mutable_data_ptr<int64_t>()};
   kernels::finalize_kernel<cuda_t, T, kFinalizeThreads><<<groups * num_bins, kFinalizeThreads, 0, stream>>>(fp);

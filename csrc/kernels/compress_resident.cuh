@@ -1,0 +1,555 @@
+// Fast path of compress_kv's stages 2 and 3 (compress.cuh) for 16-bit keys and values with
+// E = D ∈ {64, 128}, on sm_90: a thread-block cluster holds one bin's keys in shared memory.
+//
+// Why: the general pivot kernel runs a bin on one CTA, so a bin larger than one SM's shared
+// memory (bins = 16 from N = 32k) re-reads its keys from global memory at every pivot step, and its
+// weighted sums run as a separate kernel that reads the kernel rows back. Here the bin's points are
+// split over the CTAs of a cluster (up to 16), each CTA copies its slice of keys once (16-byte
+// cp.async, swizzled so that the per-point reads are free of bank conflicts), keeps its kernel rows
+// in shared memory and its residuals in registers, and the pivot of every step is the argmax over
+// the cluster's per-CTA candidates, read through distributed shared memory. After the last step
+// each CTA forms its slice's weighted value sums (double, as the general kernel does) and writes
+// them as one chunk of compress_kv's `partial` workspace, so stages 4 and 5 are shared.
+//
+// The per-point arithmetic is the general pivot kernel's, operation for operation (same centring,
+// same squared-difference kernel rows, same order of the sums, same random stream), so the same
+// seed picks the same pivots; only the split of the weighted sums into chunks differs.
+#pragma once
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "compress.cuh"
+
+namespace wildcat {
+namespace kernels {
+
+constexpr int kResidentMaxThreads = 256;
+constexpr int kResidentMaxSlots = 16;   // kernel rows held per point (slots per bin)
+constexpr int kResidentMaxCluster = 16;  // 8 is portable; 16 needs the non-portable opt-in (H100 has it)
+constexpr int kResidentSlotBlock = 8;    // weighted sums: slots accumulated per pass
+constexpr int kResidentSub = 128;        // weighted sums: points whose products are formed at once
+static_assert(kResidentSub * kResidentSlotBlock >= kResidentMaxThreads, "w_s also holds one double per thread");
+
+template <int kE>
+struct ResidentShape {
+  static_assert(kE == 64 || kE == 128, "the resident path serves E = 64 and E = 128");
+  static constexpr int kPoints = kE == 64 ? 4 : 2;  // consecutive points per thread
+  static constexpr int kSliceMax = kResidentMaxThreads * kPoints;  // 128 KB of 16-bit keys per CTA
+  static constexpr int kPieces = kE / 8;  // 16-byte pieces per key row
+  static constexpr int kColumnQuads = kE / 4;  // threads per point in the weighted sums
+};
+
+// A CTA's candidate for the next pivot, published for the other CTAs of the cluster.
+struct ResidentCandidate {
+  float score;
+  int32_t index;     // in the bin; -1: none
+  float residual;    // the candidate's residual after this step: d_p of the next one
+  int32_t unused;
+};
+
+template <typename scalar_t>
+struct ResidentParams {
+  const scalar_t* keys;       // (G, N, E)
+  const scalar_t* values;     // (G, N, E): D = E
+  const float* key_mean;      // (G, E)
+  const float* query_norm;    // (G) or null
+  const int64_t* lengths;     // (G) keys per group, or null: N
+  int64_t n, num_bins, rank, slots_max, length_max;
+  int slice;                  // points per CTA: a multiple of 32 · kPoints; the weighted sums' chunk
+  int cluster;                // CTAs per bin
+  double beta;
+  TauMode tau;
+  float tol;
+  SeedRef seed;
+  double* sq_norm;            // (G*C, length_max): s_l
+  double* kinv;               // (G*C, slots_max, slots_max)
+  int64_t* pivots;            // (G*C, slots_max): local indices
+  int32_t* counts;            // (G*C): pivots taken; -1 for a bin kept exactly
+  double* max_sq_norm;        // (G*C): s_ref
+  double* partial;            // (G*C, cluster, slots_max, E + 1): Σ_l R_j(l) e^{(s_l - s_ref)/2} [v_l | 1]
+};
+
+// Shared memory: the key slice (reused for the value slice), the kernel rows, the points' scale
+// factors, then the small arrays. All offsets are 16-byte multiples.
+struct ResidentLayout {
+  size_t rows, scale, w, kinv, mean, xp, g_d, a, g_t, sums, candidates, candidate_keys, reduce, bytes;
+};
+
+__host__ __device__ inline size_t resident_align16(size_t x) { return (x + 15) / 16 * 16; }
+
+__host__ __device__ inline ResidentLayout resident_layout(int e, int slice, int64_t slots_max) {
+  ResidentLayout l{};
+  size_t at = resident_align16(static_cast<size_t>(slice) * e * 2);  // keys, then values
+  l.rows = at, at += resident_align16(sizeof(float) * slots_max * slice);
+  l.scale = at, at += resident_align16(sizeof(double) * slice);
+  l.w = at, at += resident_align16(sizeof(double) * kResidentSub * kResidentSlotBlock);
+  l.kinv = at, at += resident_align16(sizeof(double) * slots_max * slots_max);
+  l.mean = at, at += resident_align16(sizeof(float) * e);
+  l.xp = at, at += resident_align16(sizeof(float) * e);
+  l.g_d = at, at += resident_align16(sizeof(double) * slots_max);
+  l.a = at, at += resident_align16(sizeof(double) * slots_max);
+  l.g_t = at, at += resident_align16(sizeof(float) * slots_max);
+  l.sums = at, at += resident_align16(sizeof(double) * kResidentSlotBlock * (e + 1));
+  l.candidates = at, at += resident_align16(sizeof(ResidentCandidate) * 2);
+  l.candidate_keys = at, at += resident_align16(2 * static_cast<size_t>(e) * 2);  // 16-bit keys
+  l.reduce = at, at += resident_align16(sizeof(double) * 8 + sizeof(ArgMax) * (kResidentMaxThreads / 32 + 1));
+  l.bytes = at;
+  return l;
+}
+
+// Eight 16-bit values of a 16-byte piece, as float (exact).
+__device__ __forceinline__ void unpack8(uint4 raw, float out[8], __nv_bfloat16) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __uint_as_float(w[i] << 16);
+    out[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+  }
+}
+__device__ __forceinline__ void unpack8(uint4 raw, float out[8], __half) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    __half2 h;
+    memcpy(&h, &w[i], sizeof h);
+    const float2 f = __half22float2(h);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void unpack4(uint2 raw, float out[4], __nv_bfloat16) {
+  out[0] = __uint_as_float(raw.x << 16), out[1] = __uint_as_float(raw.x & 0xFFFF0000u);
+  out[2] = __uint_as_float(raw.y << 16), out[3] = __uint_as_float(raw.y & 0xFFFF0000u);
+}
+__device__ __forceinline__ void unpack4(uint2 raw, float out[4], __half) {
+  __half2 h0, h1;
+  memcpy(&h0, &raw.x, sizeof h0);
+  memcpy(&h1, &raw.y, sizeof h1);
+  const float2 a = __half22float2(h0), b = __half22float2(h1);
+  out[0] = a.x, out[1] = a.y, out[2] = b.x, out[3] = b.y;
+}
+
+__device__ __forceinline__ void resident_copy_16(void* shared, const void* global) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global));
+}
+__device__ __forceinline__ void resident_copy_wait() { asm volatile("cp.async.wait_all;\n" ::); }
+
+// Block-wide reductions for a runtime block size (a multiple of 32); every thread gets the result.
+__device__ inline ArgMax resident_block_argmax(ArgMax mine, ArgMax* scratch) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    ArgMax other;
+    other.score = __shfl_xor_sync(0xffffffffu, mine.score, offset);
+    other.index = __shfl_xor_sync(0xffffffffu, mine.index, offset);
+    mine = better(mine, other);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (lane == 0) scratch[warp] = mine;
+  __syncthreads();
+  if (warp == 0) {
+    mine = lane < warps ? scratch[lane] : ArgMax{-INFINITY, -1};
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      ArgMax other;
+      other.score = __shfl_xor_sync(0xffffffffu, mine.score, offset);
+      other.index = __shfl_xor_sync(0xffffffffu, mine.index, offset);
+      mine = better(mine, other);
+    }
+    if (lane == 0) scratch[warps] = mine;
+  }
+  __syncthreads();
+  const ArgMax result = scratch[warps];
+  __syncthreads();  // scratch is reused by the next reduction
+  return result;
+}
+
+__device__ inline double resident_block_max(double mine, double* scratch) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const double other = __shfl_xor_sync(0xffffffffu, mine, offset);
+    mine = other > mine ? other : mine;
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (lane == 0) scratch[warp] = mine;
+  __syncthreads();
+  double result = scratch[0];
+  for (int w = 1; w < warps; ++w) result = scratch[w] > result ? scratch[w] : result;
+  __syncthreads();
+  return result;
+}
+
+// grid G * C * cluster (clusters of `cluster` CTAs along x), block slice / kPoints threads.
+template <typename scalar_t, int kE>
+__global__ void __launch_bounds__(kResidentMaxThreads, 1) resident_bin_kernel(ResidentParams<scalar_t> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  using Shape = ResidentShape<kE>;
+  constexpr int kPts = Shape::kPoints, kPieces = Shape::kPieces;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int ranks = p.cluster;
+  // a cluster barrier where there is a cluster; one CTA needs only its own
+  const auto step_barrier = [&] {
+    if (ranks > 1) {
+      cluster.sync();
+    } else {
+      __syncthreads();
+    }
+  };
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int64_t gb = blockIdx.x / ranks;
+  const int64_t g = gb / p.num_bins, b = gb % p.num_bins;
+  const int64_t valid = group_length(p.lengths, g, p.n);
+  const int64_t length = balanced_size(valid, p.num_bins, b);
+  const int64_t slots = balanced_size(p.rank, p.num_bins, b);
+  const int64_t start = balanced_start(valid, p.num_bins, b);
+  if (length <= slots) {  // kept exactly (§2.4): the decision is the whole cluster's
+    if (rank == 0 && threadIdx.x == 0) p.counts[gb] = -1;
+    return;
+  }
+  const int slice = p.slice;
+  const int first = rank * slice;  // this CTA's points: [first, first + own) of the bin
+  const int own = static_cast<int>(length - first < slice ? (length > first ? length - first : 0) : slice);
+  const int tid = threadIdx.x, lane = tid % 32;
+  const int swizzle = tid & 7;  // rows of thread tid sit in pieces k ^ swizzle
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const ResidentLayout lay = resident_layout(kE, slice, p.slots_max);
+  uint4* keys_s = reinterpret_cast<uint4*>(smem_raw);
+  float* rows_s = reinterpret_cast<float*>(smem_raw + lay.rows);
+  double* scale_s = reinterpret_cast<double*>(smem_raw + lay.scale);
+  double* w_s = reinterpret_cast<double*>(smem_raw + lay.w);
+  double* kinv_s = reinterpret_cast<double*>(smem_raw + lay.kinv);
+  float* mean_s = reinterpret_cast<float*>(smem_raw + lay.mean);
+  float* xp_s = reinterpret_cast<float*>(smem_raw + lay.xp);
+  double* g_d = reinterpret_cast<double*>(smem_raw + lay.g_d);
+  double* a_s = reinterpret_cast<double*>(smem_raw + lay.a);
+  float* g_t = reinterpret_cast<float*>(smem_raw + lay.g_t);
+  double* sums_s = reinterpret_cast<double*>(smem_raw + lay.sums);
+  ResidentCandidate* candidates = reinterpret_cast<ResidentCandidate*>(smem_raw + lay.candidates);
+  uint4* candidate_keys = reinterpret_cast<uint4*>(smem_raw + lay.candidate_keys);  // [2][kPieces]: their keys
+  // [0] the CTA's largest centred norm and [1] largest s (read by the cluster), [2], [3] the
+  // cluster's; [4] the step's pivot (as int)
+  double* stats = reinterpret_cast<double*>(smem_raw + lay.reduce);
+  int* pivot_s = reinterpret_cast<int*>(stats + 4);
+  ArgMax* arg_scratch = reinterpret_cast<ArgMax*>(stats + 8);
+  double* max_scratch = reinterpret_cast<double*>(arg_scratch);  // one double per warp, ≤ 8 × 16 bytes
+
+  // Copy this slice's keys (16-byte pieces; row l's piece k lands in piece k ^ ((l / kPts) & 7)).
+  const scalar_t* keys = p.keys + (g * p.n + start + first) * kE;
+  for (int idx = tid; idx < own * kPieces; idx += blockDim.x) {
+    const int l = idx / kPieces, k = idx % kPieces;
+    resident_copy_16(keys_s + l * kPieces + (k ^ ((l / kPts) & 7)), keys + static_cast<int64_t>(idx) * 8);
+  }
+  for (int c = tid; c < kE; c += blockDim.x) mean_s[c] = p.key_mean[g * kE + c];
+  for (int idx = tid; idx < p.slots_max * p.slots_max; idx += blockDim.x) kinv_s[idx] = 0.0;
+  resident_copy_wait();
+  __syncthreads();
+
+  const int l0 = tid * kPts;  // this thread's points l0 .. l0 + kPts - 1 (valid below `own`)
+  // The CTA's candidate also publishes its key, so that the other CTAs read it with the candidate.
+  const auto publish_key = [&](int64_t index, int buffer) {
+    if (index >= 0 && tid < kPieces) {
+      const int l = static_cast<int>(index) - first;
+      candidate_keys[buffer * kPieces + tid] = keys_s[l * kPieces + (tid ^ ((l / kPts) & 7))];
+    }
+  };
+  // f(c, values[kPts][8]) over the pieces of this thread's points, in column order.
+  auto for_each_piece = [&](auto&& f) {
+#pragma unroll 2
+    for (int k = 0; k < kPieces; ++k) {
+      float x[kPts][8];
+#pragma unroll
+      for (int q = 0; q < kPts; ++q) {
+        const uint4 raw = l0 + q < own ? keys_s[(l0 + q) * kPieces + (k ^ swizzle)] : make_uint4(0, 0, 0, 0);
+        unpack8(raw, x[q], scalar_t{});
+      }
+      f(k * 8, x);
+    }
+  };
+
+  // Centred norms; the bin's largest over the cluster sets the temperature (§2.5).
+  double norm2[kPts] = {};
+  for_each_piece([&](int c0, float (&x)[kPts][8]) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float mean = mean_s[c0 + j];
+#pragma unroll
+      for (int q = 0; q < kPts; ++q) {
+        const float centred = x[q][j] - mean;
+        norm2[q] += static_cast<double>(centred) * static_cast<double>(centred);
+      }
+    }
+  });
+  double local = 0;
+#pragma unroll
+  for (int q = 0; q < kPts; ++q) local = l0 + q < own && norm2[q] > local ? norm2[q] : local;
+  local = resident_block_max(local, max_scratch);
+  if (tid == 0) stats[0] = local;
+  step_barrier();
+  if (tid < 32) {
+    double v = lane < ranks ? *cluster.map_shared_rank(&stats[0], lane) : 0.0;
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      const double o = __shfl_xor_sync(0xffffffffu, v, offset);
+      v = o > v ? o : v;
+    }
+    if (tid == 0) stats[2] = v;
+  }
+  __syncthreads();
+  const double key_norm = sqrt(stats[2]);
+  const double rq = p.query_norm != nullptr ? static_cast<double>(p.query_norm[g]) : key_norm;
+  const float m_t = static_cast<float>(key_scale<double>(p.beta, rq, key_norm, length, p.tau));
+
+  // s_l = |m (k_l - mean)|^2 in double; the first pivot's scores (log d = 0).
+  double s[kPts] = {};
+  for_each_piece([&](int c0, float (&x)[kPts][8]) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float mean = mean_s[c0 + j];
+#pragma unroll
+      for (int q = 0; q < kPts; ++q) {
+        const double v = static_cast<double>((x[q][j] - mean) * m_t);
+        s[q] += v * v;
+      }
+    }
+  });
+  const uint64_t seed = load_seed(p.seed);
+  float residual[kPts];
+  ArgMax best{-INFINITY, -1};
+  local = 0;
+  {
+    uint64_t quad = ~0ull;
+    Philox4 bits{};
+#pragma unroll
+    for (int q = 0; q < kPts; ++q) {
+      residual[q] = 1.0f;
+      if (l0 + q >= own) continue;
+      p.sq_norm[gb * p.length_max + first + l0 + q] = s[q];
+      local = s[q] > local ? s[q] : local;
+      const uint64_t pos = static_cast<uint64_t>(start + first + l0 + q);
+      if ((pos >> 2) != quad) quad = pos >> 2, bits = pivot_noise_bits(seed, static_cast<uint64_t>(g), 0u, quad);
+      const float score = static_cast<float>(s[q]) - vlog(exponential_variate<float>(bits.v[pos & 3]));
+      best = better(best, ArgMax{score, first + l0 + q});
+    }
+  }
+  local = resident_block_max(local, max_scratch);
+  if (tid == 0) stats[1] = local;
+  best = resident_block_argmax(best, arg_scratch);
+  if (tid == 0) candidates[0] = ResidentCandidate{best.score, static_cast<int32_t>(best.index), 1.0f, 0};
+  publish_key(best.index, 0);
+
+  int count = 0;
+  for (int i = 0; i < slots; ++i) {
+    step_barrier();  // every CTA's candidate of this step (and, at i = 0, its s max) is published
+    if (tid < 32) {
+      // the cluster's argmax, then the bordering: g = (L a, -1) / sqrt(d_p), a_j = R_j(p)
+      const ResidentCandidate c =
+          lane < ranks ? cluster.map_shared_rank(candidates, lane)[i & 1] : ResidentCandidate{-INFINITY, -1, 0.0f, 0};
+      ArgMax top{c.score, c.index};
+      for (int offset = 16; offset > 0; offset >>= 1) {
+        ArgMax other;
+        other.score = __shfl_xor_sync(0xffffffffu, top.score, offset);
+        other.index = __shfl_xor_sync(0xffffffffu, top.index, offset);
+        top = better(top, other);
+      }
+      if (i == 0) {
+        double v = lane < ranks ? *cluster.map_shared_rank(&stats[1], lane) : 0.0;
+        for (int offset = 16; offset > 0; offset >>= 1) {
+          const double o = __shfl_xor_sync(0xffffffffu, v, offset);
+          v = o > v ? o : v;
+        }
+        if (tid == 0) stats[3] = v;
+      }
+      const int piv = static_cast<int>(top.index);
+      if (piv >= 0) {
+        const int owner = piv / slice;
+        const float d_p = __shfl_sync(0xffffffffu, c.residual, owner);
+        const float* owner_rows = cluster.map_shared_rank(rows_s, owner);
+        for (int j = lane; j < i; j += 32) a_s[j] = static_cast<double>(owner_rows[j * slice + piv - owner * slice]);
+        if (lane < kPieces) {  // x_p = m (k_p - mean)
+          float key[8];
+          unpack8(cluster.map_shared_rank(candidate_keys, owner)[(i & 1) * kPieces + lane], key, scalar_t{});
+#pragma unroll
+          for (int j = 0; j < 8; ++j) xp_s[lane * 8 + j] = (key[j] - mean_s[lane * 8 + j]) * m_t;
+        }
+        __syncwarp();
+        const double inv_sqrt_dp = 1.0 / sqrt(static_cast<double>(d_p));
+        for (int a = lane; a < i; a += 32) {
+          double acc = 0;
+          for (int j = 0; j < i; ++j) acc += kinv_s[a * p.slots_max + j] * a_s[j];
+          g_d[a] = acc * inv_sqrt_dp;
+        }
+        if (lane == 0) g_d[i] = -inv_sqrt_dp;
+      }
+      if (tid == 0) *pivot_s = piv;
+    }
+    __syncthreads();
+    const int piv = *pivot_s;
+    if (piv < 0) break;  // every residual <= tol (early stop); the same on every CTA
+    count = i + 1;
+    if (rank == 0 && tid == 0) p.pivots[gb * p.slots_max + i] = piv;
+    for (int idx = tid; idx < (i + 1) * (i + 1); idx += blockDim.x) {
+      const int a = idx / (i + 1), c = idx % (i + 1);
+      kinv_s[a * p.slots_max + c] += g_d[a] * g_d[c];
+    }
+    for (int a = tid; a <= i; a += blockDim.x) g_t[a] = static_cast<float>(g_d[a]);
+    __syncthreads();
+
+    // R_i(l) = exp(-|x_p - x_l|^2 / 2) (no cancellation; exactly 0 distance for a copy of the pivot)
+    float dist[kPts] = {};
+    for_each_piece([&](int c0, float (&x)[kPts][8]) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float mean = mean_s[c0 + j], xp = xp_s[c0 + j];
+#pragma unroll
+        for (int q = 0; q < kPts; ++q) {
+          const float diff = (x[q][j] - mean) * m_t - xp;
+          dist[q] += diff * diff;
+        }
+      }
+    });
+    const bool last = i + 1 == slots;
+    best = ArgMax{-INFINITY, -1};
+    float best_residual = 0.0f;
+    uint64_t quad = ~0ull;
+    Philox4 bits{};
+#pragma unroll
+    for (int q = 0; q < kPts; ++q) {
+      const int l = l0 + q;
+      if (l >= own) continue;
+      const float kernel = vexp(dist[q] * -0.5f);
+      rows_s[i * slice + l] = kernel;
+      float y = g_t[i] * kernel;
+      for (int j = 0; j < i; ++j) y += g_t[j] * rows_s[j * slice + l];
+      float d = residual[q] - y * y;
+      d = (first + l == piv || d < 0.0f) ? 0.0f : d;
+      residual[q] = d;
+      if (!last && d > p.tol) {
+        const uint64_t pos = static_cast<uint64_t>(start + first + l);
+        if ((pos >> 2) != quad) {
+          quad = pos >> 2;
+          bits = pivot_noise_bits(seed, static_cast<uint64_t>(g), static_cast<uint32_t>(i + 1), quad);
+        }
+        const float score = vlog(d / exponential_variate<float>(bits.v[pos & 3])) + static_cast<float>(s[q]);
+        const ArgMax mine{score, first + l};
+        if (better(best, mine).index == mine.index) best = mine, best_residual = d;
+      }
+    }
+    if (last) break;
+    // the block's candidate; its residual comes from the thread that holds it
+    const ArgMax top = resident_block_argmax(best, arg_scratch);
+    if (best.index == top.index && best.index >= 0) {
+      candidates[(i + 1) & 1] = ResidentCandidate{top.score, static_cast<int32_t>(top.index), best_residual, 0};
+    }
+    if (tid == 0 && top.index < 0) candidates[(i + 1) & 1] = ResidentCandidate{-INFINITY, -1, 0.0f, 0};
+    publish_key(top.index, (i + 1) & 1);
+  }
+  const double s_ref = stats[3];
+
+  // Weighted sums of this slice: Σ_l R_j(l) e^{(s_l - s_ref)/2} [v_l | 1], in double, by blocks of
+  // kResidentSlotBlock slots and sub-chunks of kResidentSub points: the products
+  // w_j(l) = R_j(l) e^{(s_l - s_ref)/2} of a sub-chunk are formed once (zero for slots past
+  // `count`), then threads own 4 value columns of a range of points.
+  if (count > 0 && own > 0) {
+    __syncthreads();  // the key slice is no longer read: the value slice takes its place
+    const scalar_t* values = p.values + (g * p.n + start + first) * kE;
+    for (int idx = tid; idx < own * kPieces; idx += blockDim.x) {
+      resident_copy_16(keys_s + idx, values + static_cast<int64_t>(idx) * 8);
+    }
+#pragma unroll
+    for (int q = 0; q < kPts; ++q) {
+      if (l0 + q < own) scale_s[l0 + q] = exp((s[q] - s_ref) / 2);
+    }
+    resident_copy_wait();
+    __syncthreads();
+    constexpr int kQuads = Shape::kColumnQuads, kBlock = kResidentSlotBlock;
+    const int quad_col = tid % kQuads, group = tid / kQuads, groups = blockDim.x / kQuads;
+    const int per_group = (kResidentSub + groups - 1) / groups;
+    const uint2* values_s = reinterpret_cast<const uint2*>(keys_s);
+    const int warp = tid / 32, warps = blockDim.x / 32;
+    double* out = p.partial + ((gb * ranks + rank) * p.slots_max) * (kE + 1);
+    for (int jb = 0; jb < count; jb += kBlock) {
+      double acc[kBlock][4] = {};
+      double weight = 0;  // Σ w_j(l) of slot jb + tid % kBlock over this thread's products
+      for (int sub = 0; sub < own; sub += kResidentSub) {
+        const int sub_len = own - sub < kResidentSub ? own - sub : kResidentSub;
+        __syncthreads();  // the previous sub-chunk's products are consumed
+        for (int idx = tid; idx < kResidentSub * kBlock; idx += blockDim.x) {
+          const int jj = idx % kBlock, l = idx / kBlock;
+          double w = 0;
+          if (jb + jj < count && l < sub_len) w = static_cast<double>(rows_s[(jb + jj) * slice + sub + l]) * scale_s[sub + l];
+          w_s[idx] = w;
+          weight += w;
+        }
+        __syncthreads();
+        const int l_begin = group * per_group;
+        const int l_end = l_begin + per_group < sub_len ? l_begin + per_group : sub_len;
+        for (int l = l_begin; l < l_end; ++l) {
+          float v[4];
+          unpack4(values_s[(sub + l) * kQuads + quad_col], v, scalar_t{});
+          double vd[4];
+#pragma unroll
+          for (int c = 0; c < 4; ++c) vd[c] = static_cast<double>(v[c]);
+#pragma unroll
+          for (int jj = 0; jj < kBlock; ++jj) {
+            const double w = w_s[l * kBlock + jj];
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[jj][c] += w * vd[c];
+          }
+        }
+      }
+      // fixed-order sums over the point groups: the pair within a warp (E = 64), then warp by
+      // warp; the weight column over the threads of each slot, in thread order
+      if constexpr (kQuads == 16) {
+#pragma unroll
+        for (int jj = 0; jj < kBlock; ++jj) {
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[jj][c] += __shfl_down_sync(0xffffffffu, acc[jj][c], 16);
+        }
+      }
+      __syncthreads();
+      w_s[tid] = weight;  // w_s holds kResidentSub * kBlock ≥ kResidentMaxThreads doubles
+      for (int w = 0; w < warps; ++w) {
+        if (warp == w && lane < kQuads) {
+#pragma unroll
+          for (int jj = 0; jj < kBlock; ++jj) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              double* cell = &sums_s[jj * (kE + 1) + quad_col * 4 + c];
+              *cell = w == 0 ? acc[jj][c] : *cell + acc[jj][c];
+            }
+          }
+        }
+        __syncthreads();
+      }
+      if (tid < kBlock) {
+        double total = 0;
+        for (int t = tid; t < blockDim.x; t += kBlock) total += w_s[t];
+        sums_s[tid * (kE + 1) + kE] = total;
+      }
+      __syncthreads();
+      const int rows_here = count - jb < kBlock ? count - jb : kBlock;
+      for (int o = tid; o < rows_here * (kE + 1); o += blockDim.x) out[jb * (kE + 1) + o] = sums_s[o];
+    }
+  }
+  if (rank == 0 && tid == 0) {
+    p.counts[gb] = count;
+    p.max_sq_norm[gb] = s_ref;
+    const int64_t pivot0 = count > 0 ? p.pivots[gb * p.slots_max] : 0;
+    for (int64_t i = count; i < slots; ++i) p.pivots[gb * p.slots_max + i] = pivot0;
+  }
+  __syncthreads();  // kinv_s is complete
+  if (rank == 0) {
+    double* kinv = p.kinv + gb * p.slots_max * p.slots_max;
+    for (int idx = tid; idx < p.slots_max * p.slots_max; idx += blockDim.x) kinv[idx] = kinv_s[idx];
+  }
+  step_barrier();  // no CTA leaves while another may still read its kernel rows or candidates
+#else
+  __trap();  // the host takes this path only on sm_90 and newer
+#endif
+}
+
+}  // namespace kernels
+}  // namespace wildcat
