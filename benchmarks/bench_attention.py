@@ -230,7 +230,7 @@ def run_bench(args, device, dtype, meta):
                     if args.phases:
                         # The two phases as the function runs them (query norm included in compress),
                         # so the attention phase's bandwidth can be read off on its own.
-                        qn = lambda: reference.query_norm_per_kv_head(q, Hkv)  # noqa: E731
+                        qn = lambda: wildcat.ops.query_norm(q, Hkv)  # noqa: E731
                         compress = lambda: wildcat.compress_kv(  # noqa: E731
                             k, v, r, bins, query_norm=qn(), seed=args.seed, **opts)
                         record("wildcat:compress", setting, compress, r, bins, keep_err=False)

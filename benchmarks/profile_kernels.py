@@ -9,7 +9,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import wildcat
-from wildcat.reference import query_norm_per_kv_head
 
 
 def main() -> None:
@@ -26,7 +25,7 @@ def main() -> None:
             if bins == 1 and n > 16384:
                 continue  # minutes per call until block pivoting lands (benchmarks/NOTES.md)
             call = lambda: wildcat.coreset_attention(  # noqa: E731
-                q, wildcat.compress_kv(k, v, args.r, bins, query_norm=query_norm_per_kv_head(q), seed=1))
+                q, wildcat.compress_kv(k, v, args.r, bins, query_norm=wildcat.ops.query_norm(q, args.heads), seed=1))
             call()
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:

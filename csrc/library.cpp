@@ -49,6 +49,12 @@ TORCH_LIBRARY(wildcat, m) {
         "float? scale=None, Tensor? value_min=None, Tensor? value_max=None, "
         "bool center_values=False) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+
+  // R_q per kv head, the query norm compress_kv takes: the largest Euclidean norm over the M
+  // queries of every query head sharing a kv head. query (..., Hq, M, E) → (..., kv_heads), Hq a
+  // multiple of kv_heads; a rank-2 query (M, E) gives a 0-dim tensor. float32 (float64 for float64
+  // queries); 0 for M = 0.
+  m.def("query_norm(Tensor query, int kv_heads) -> Tensor", {at::Tag::pt2_compliant_tag});
 }
 
 // WildCat is an inference method (its pivots are sampled, not differentiated). The ops run below
@@ -58,4 +64,5 @@ TORCH_LIBRARY_IMPL(wildcat, Autograd, m) {
   m.impl("rp_nystrom", torch::autograd::autogradNotImplementedFallback());
   m.impl("compress_kv", torch::autograd::autogradNotImplementedFallback());
   m.impl("coreset_attention", torch::autograd::autogradNotImplementedFallback());
+  m.impl("query_norm", torch::autograd::autogradNotImplementedFallback());
 }

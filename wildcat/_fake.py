@@ -81,3 +81,13 @@ def _coreset_attention_fake(query, core_keys, core_values, core_weights, scale=N
     torch._check(query.shape[-1] == core_keys.shape[-1],
                  lambda: f"wildcat.coreset_attention: query has E = {query.shape[-1]}, core_keys {core_keys.shape[-1]}")
     return query.new_empty(*query.shape[:-1], core_values.shape[-1])
+
+
+@torch.library.register_fake("wildcat::query_norm")
+def _query_norm_fake(query, kv_heads):
+    torch._check(query.dim() >= 2, lambda: f"wildcat.query_norm: query must be (..., M, E), got {tuple(query.shape)}")
+    if query.dim() < 3:
+        return query.new_empty((), dtype=_acc(query.dtype))
+    torch._check(kv_heads >= 1 and query.shape[-3] % kv_heads == 0,
+                 lambda: f"wildcat.query_norm: query heads {query.shape[-3]} must be a multiple of kv_heads, got {kv_heads}")
+    return query.new_empty(*query.shape[:-3], kv_heads, dtype=_acc(query.dtype))

@@ -11,7 +11,6 @@ from torch import Tensor
 
 from . import ops
 from ._types import DEFAULT_TAU, DEFAULT_TOL, CompressedKV
-from .reference import query_norm_per_kv_head
 
 __all__ = [
     "DEFAULT_MIN_SEQ_LEN",
@@ -349,7 +348,7 @@ def scaled_dot_product_attention(
     if key.shape[-2] < min_seq_len:
         return exact()
 
-    q_norm = query_norm_per_kv_head(query, kv_heads)
+    q_norm = ops.query_norm(query, 1 if kv_heads is None else kv_heads)  # None: a rank-2 query
     if key_mask is not None:
         key_mask = key_mask.expand(key.shape[:-1])
     core = _compress(key, value, key_mask, r, num_bins, scale, q_norm, draw_seed(seed, generator, key.device), tau,

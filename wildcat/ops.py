@@ -50,6 +50,12 @@ def compress_kv(
     )
 
 
+def query_norm(query: Tensor, kv_heads: int) -> Tensor:
+    """R_q per kv head: the largest norm over the queries (..., Hq, M, E) of every query head
+    sharing a kv head → (..., kv_heads); a rank-2 query (M, E) gives a 0-dim tensor."""
+    return torch.ops.wildcat.query_norm(query, kv_heads)
+
+
 def coreset_attention(
     query: Tensor,
     core_keys: Tensor,

@@ -65,17 +65,10 @@ at::Tensor coreset_attention(const at::Tensor& query, const CompressedKV& kv, co
 }
 
 at::Tensor query_norm_per_kv_head(const at::Tensor& query, int64_t kv_heads) {
-  const auto acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor norms = at::linalg_vector_norm(query.to(acc), 2, {-1});
-  norms = query.size(-2) == 0 ? at::zeros(norms.sizes().slice(0, norms.dim() - 1), norms.options())
-                              : std::get<0>(norms.max(-1));
-  if (query.dim() < 3 || kv_heads == query.size(-3)) return norms;
-  TORCH_CHECK_VALUE(kv_heads >= 1 && query.size(-3) % kv_heads == 0, "wildcat: query heads ",
-                    query.size(-3), " must be a multiple of kv heads ", kv_heads);
-  std::vector<int64_t> grouped(norms.sizes().begin(), norms.sizes().end());
-  grouped.back() = kv_heads;
-  grouped.push_back(query.size(-3) / kv_heads);
-  return std::get<0>(norms.reshape(grouped).max(-1));
+  static const auto op = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("wildcat::query_norm", "")
+                              .typed<at::Tensor(const at::Tensor&, int64_t)>();
+  return op.call(query, kv_heads);
 }
 
 at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,

@@ -100,3 +100,17 @@ def test_cuda_built_reports_a_bool():
     assert isinstance(wildcat.cuda_built(), bool)
     if not torch.version.cuda:
         assert wildcat.cuda_built() is False
+
+
+@pytest.mark.parametrize("shape,kv_heads", [((2, 8, 33, 16), 2), ((3, 40, 8), 3), ((7, 16), 1), ((2, 4, 0, 8), 4)])
+def test_query_norm_op_equals_the_reference_helper(device, shape, kv_heads):
+    q = randn(*shape, device=device)
+    got = wildcat.ops.query_norm(q, kv_heads)
+    expected = wildcat.query_norm_per_kv_head(q.cpu(), kv_heads)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-6, atol=0)
+
+
+def test_query_norm_names_bad_kv_heads():
+    with pytest.raises(ValueError, match="query heads 6 must be a multiple of kv_heads, got kv_heads = 4"):
+        wildcat.ops.query_norm(torch.randn(1, 6, 5, 8), 4)

@@ -154,6 +154,19 @@ def test_rank_at_least_length_is_exact(dtype, n, rank, bins):
     assert (out.double() - exact).abs().max() <= 2 * sdpa_err  # no worse than twice torch's SDPA
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape,kv_heads", [((2, 8, 1000, 64), 2), ((1, 4, 3, 128), 4), ((40, 2051, 32), 5),
+                                            ((5, 64), 1), ((2, 4, 0, 64), 2), ((1, 2, 300, 20), 1)])
+def test_query_norm_matches_the_reference(dtype, shape, kv_heads):
+    """The CUDA kernel (16-bit queries with E a power-of-two multiple of 8 up to 256; the others take
+    the ATen form) against the reference helper on the CPU: float32 sums, so within a few ulps."""
+    q = randn(*shape, dtype=dtype) * 3
+    got = wildcat.ops.query_norm(q.cuda(), kv_heads).cpu()
+    expected = ref.query_norm_per_kv_head(q, kv_heads)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
 def test_float64_matches_the_oracle():
     q, k, v = randn(2, 4, 30, 32, dtype=torch.float64), randn(2, 2, 400, 32, dtype=torch.float64), randn(2, 2, 400, 16, dtype=torch.float64)
     got = wildcat.scaled_dot_product_attention(*to("cuda", q, k, v), enable_gqa=True, r=40, num_bins=4, seed=3).cpu()

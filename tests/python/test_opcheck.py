@@ -26,9 +26,11 @@ def samples(device):
         yield "coreset_attention", (q, core[0], core[1], core[2], 0.5, core[4], core[5], True)
         yield "coreset_attention", (q, core[0], core[1], core[2], None, None, None, False)
         yield "rp_nystrom", (k * 0.3, 7, seed(2), 1e-5)
+        yield "query_norm", (q, 3)
+        yield "query_norm", (q[0, 0], 1)
 
 
-@pytest.mark.parametrize("index", range(21))
+@pytest.mark.parametrize("index", range(27))
 def test_opcheck(device, index):
     name, args = list(samples(device))[index]
     torch.library.opcheck(getattr(torch.ops.wildcat, name).default, args)
