@@ -55,7 +55,7 @@ def draw_seed(
             return seed
         if isinstance(seed, bool) or not isinstance(seed, (int, torch.SymInt)):
             raise TypeError(f"wildcat: seed must be an int, got {type(seed).__name__}")
-        return torch.tensor(seed, dtype=torch.int64)
+        return ops.seed_tensor(seed, device)
     if generator is not None:
         if torch.compiler.is_compiling():
             raise RuntimeError(

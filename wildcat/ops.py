@@ -18,15 +18,25 @@ from ._types import DEFAULT_TAU, DEFAULT_TOL, CompressedKV
 Seed = Union[int, Tensor, None]
 
 
-def _seed_tensor(seed: Seed) -> Optional[Tensor]:
+def seed_tensor(seed: int, device: Optional[torch.device]) -> Tensor:
+    """An int seed as the ops take it: a CPU scalar in eager mode (read on the host, no kernel
+    launch); inside torch.compile a tensor on the inputs' device, because a CPU tensor between
+    CUDA ops splits the graph and cudagraph trees (mode="reduce-overhead") reject it as an input
+    that is not in their memory pool."""
+    if torch.compiler.is_compiling() and device is not None:
+        return torch.full((), seed, dtype=torch.int64, device=device)
+    return torch.tensor(seed, dtype=torch.int64)
+
+
+def _seed_tensor(seed: Seed, device: torch.device) -> Optional[Tensor]:
     if seed is None or isinstance(seed, Tensor):
         return seed
-    return torch.tensor(seed, dtype=torch.int64)
+    return seed_tensor(seed, device)
 
 
 def rp_nystrom(points: Tensor, rank: int, seed: Seed = 0, tol: float = DEFAULT_TOL) -> tuple[Tensor, Tensor, Tensor]:
     """Randomly pivoted Cholesky: (pivots, kinv, rows) of the Gaussian kernel of `points`."""
-    return torch.ops.wildcat.rp_nystrom(points, rank, _seed_tensor(seed), tol)
+    return torch.ops.wildcat.rp_nystrom(points, rank, _seed_tensor(seed, points.device), tol)
 
 
 def compress_kv(
@@ -45,7 +55,7 @@ def compress_kv(
     """Weighted coreset of keys (..., N, E) and values (..., N, D), per leading index; with
     `lengths` (..., int64), only the first lengths[...] keys of each group exist."""
     return CompressedKV(
-        *torch.ops.wildcat.compress_kv(keys, values, rank, num_bins, scale, query_norm, _seed_tensor(seed), tau,
+        *torch.ops.wildcat.compress_kv(keys, values, rank, num_bins, scale, query_norm, _seed_tensor(seed, keys.device), tau,
                                        center_values, tol, lengths)
     )
 
