@@ -27,6 +27,7 @@ def main() -> int:
         (torch.bfloat16, 9000, 24, 2, 64, 64, 2, 2, 40),     # resident bins over clusters of 5 CTAs
         (torch.float16, 3000, 24, 2, 128, 128, 2, 2, 33),    # resident, E = 128, 3 CTAs
         (torch.bfloat16, 20000, 8, 2, 64, 64, 2, 1, 9),      # resident, 10 CTAs (non-portable cluster)
+        (torch.bfloat16, 8192, 16, 2, 64, 64, 1, 1, 9),      # resident, bins of 4,096: 8 CTAs of 512 keys
     ]
     for dtype, n, r, bins, e, dv, hq, hkv, m in cases:
         q = torch.randn(1, hq, m, e, device=dev).to(dtype)

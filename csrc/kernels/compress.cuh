@@ -537,8 +537,8 @@ struct FinalizeParams {
   bool center_values;
   int64_t n, dv, rank, num_bins, kept, slots_max, length_max, chunk, chunks_max;
   double* rhs;                // (G*C, slots_max, D + 1) workspace
-  double* scaled;             // (G, kept, D + 1), zeroed: values | weight of each slot, up to
-  double* log_scale;          // (G, kept), zeroed: ... the factor e^{log_scale} (write_group_kernel)
+  double* scaled;             // (G, kept, D + 1): values | weight of each slot, up to
+  double* log_scale;          // (G, kept): ... the factor e^{log_scale} (write_group_kernel)
   int64_t* core_indices;      // (G, kept)
 };
 
@@ -568,10 +568,14 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeParams<scala
       scaled[l * cols + dv] = 1.0;
       core_indices[l] = start + l;
     }
-    // Slots the bin cannot fill (a group shorter than N) keep zero weight and value and take the
-    // index of a kept key, so that their logit never exceeds those of the real entries.
+    // Slots the bin cannot fill (a group shorter than N) get zero weight and value and the index
+    // of a kept key, so that their logit never exceeds those of the real entries.
     const int64_t room = balanced_size(p.kept, p.num_bins, b);
-    for (int64_t l = length + threadIdx.x; l < room; l += kThreads) core_indices[l] = length > 0 ? start : 0;
+    for (int64_t o = length * cols + threadIdx.x; o < room * cols; o += kThreads) scaled[o] = 0.0;
+    for (int64_t l = threadIdx.x; l < room; l += kThreads) {
+      log_scale[l] = 0.0;
+      if (l >= length) core_indices[l] = length > 0 ? start : 0;
+    }
     return;
   }
   const int64_t k = p.counts[gb];
@@ -600,7 +604,7 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeParams<scala
     }
     scaled[a * cols + col] = acc;  // 0 after an early stop
     if (col == dv) {
-      if (a < k) log_scale[a] = (s_ref - p.sq_norm[gb * p.length_max + pivots[a]]) / 2;
+      log_scale[a] = a < k ? (s_ref - p.sq_norm[gb * p.length_max + pivots[a]]) / 2 : 0.0;
       core_indices[a] = start + pivots[a];
     }
   }

@@ -16,7 +16,7 @@ std::vector<int64_t> with_tail(at::IntArrayRef lead, std::initializer_list<int64
   return shape;
 }
 
-CompressOutputs::CompressOutputs(const at::Tensor& keys, const at::Tensor& values, int64_t rank)
+CompressOutputs::CompressOutputs(const at::Tensor& keys, const at::Tensor& values, int64_t rank, bool zero_fill)
     : lead_(keys.sizes().slice(0, keys.dim() - 2)) {
   groups = c10::multiply_integers(lead_);
   n = keys.size(-2);
@@ -25,11 +25,14 @@ CompressOutputs::CompressOutputs(const at::Tensor& keys, const at::Tensor& value
   kept = std::min(rank, n);
   const auto acc = keys.options().dtype(accumulate_type(keys.scalar_type()));
   keys3 = keys.reshape({groups, n, e});
-  core_values = at::zeros({groups, kept, dv}, acc);
-  core_weights = at::zeros({groups, kept}, acc);
-  core_indices = at::zeros({groups, kept}, keys.options().dtype(at::kLong));
-  value_min = at::zeros({groups, dv}, acc);
-  value_max = at::zeros({groups, dv}, acc);
+  const auto make = [&](at::IntArrayRef shape, const at::TensorOptions& options) {
+    return zero_fill || n == 0 || groups == 0 ? at::zeros(shape, options) : at::empty(shape, options);
+  };
+  core_values = make({groups, kept, dv}, acc);
+  core_weights = make({groups, kept}, acc);
+  core_indices = make({groups, kept}, keys.options().dtype(at::kLong));
+  value_min = make({groups, dv}, acc);
+  value_max = make({groups, dv}, acc);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> CompressOutputs::finish() const {

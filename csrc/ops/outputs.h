@@ -14,9 +14,11 @@ namespace detail {
 std::vector<int64_t> with_tail(at::IntArrayRef lead, std::initializer_list<int64_t> tail);
 
 // compress_kv's outputs, allocated per group (G = product of the keys' leading dims) and zeroed:
-// early-stopped slots and empty sequences need nothing more.
+// early-stopped slots and empty sequences need nothing more. `zero_fill` false leaves them
+// uninitialised where there is something to compute (the CUDA kernels write every entry; each
+// fill is a kernel launch, and at short lengths the host's launches bound the call).
 struct CompressOutputs {
-  CompressOutputs(const at::Tensor& keys, const at::Tensor& values, int64_t rank);
+  CompressOutputs(const at::Tensor& keys, const at::Tensor& values, int64_t rank, bool zero_fill = true);
 
   // Gathers the core keys at the pivots and gives every output the keys' leading dims.
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish() const;

@@ -301,8 +301,8 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
 
   // 4. the coreset
   at::Tensor rhs = at::empty({groups * num_bins, ws.slots_max, dv + 1}, device.dtype(at::kDouble));
-  at::Tensor scaled = at::zeros({groups, kept, dv + 1}, device.dtype(at::kDouble));
-  at::Tensor log_scale = at::zeros({groups, kept}, device.dtype(at::kDouble));
+  at::Tensor scaled = at::empty({groups, kept, dv + 1}, device.dtype(at::kDouble));  // every entry: finalize
+  at::Tensor log_scale = at::empty({groups, kept}, device.dtype(at::kDouble));
   kernels::FinalizeParams<cuda_t, T> fp{device_ptr<scalar_t>(values), partial.const_data_ptr<double>(),
                                         ws.kinv.template const_data_ptr<double>(), ws.sq_norm.template const_data_ptr<double>(),
                                         ws.max_sq_norm.template const_data_ptr<double>(), ws.pivots.template const_data_ptr<int64_t>(),
@@ -329,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   detail::check_compress_kv_args(keys, values, rank, num_bins, scale, query_norm, seed, tau, tol, lengths);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(keys.device());
-  detail::CompressOutputs out(keys, values, rank);
+  detail::CompressOutputs out(keys, values, rank, /*zero_fill=*/false);  // the kernels write every entry
   if (out.n > 0 && out.groups > 0) {
     const at::Tensor k = out.keys3.contiguous();
     const at::Tensor v = values.reshape({out.groups, out.n, out.dv}).contiguous();
