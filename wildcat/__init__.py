@@ -16,11 +16,11 @@ from .functional import (
     compress_kv,
     coreset_attention,
     draw_seed,
+    query_norm_per_kv_head,
     scaled_dot_product_attention,
 )
 from .nn import WildCat
 from .patching import Patch, patch
-from .reference import query_norm_per_kv_head
 
 __version__ = "0.1.0"
 

@@ -17,14 +17,16 @@ __all__ = [
     "compress_kv",
     "coreset_attention",
     "draw_seed",
+    "query_norm_per_kv_head",
     "scaled_dot_product_attention",
 ]
 
 _SEED_HIGH = 2**63 - 1
 
-# Below this many keys, scaled_dot_product_attention runs exact attention: it is faster there.
-# The crossover with cuDNN on the H100 (bf16, 32 heads, r = 128, num_bins = 16) lies between
-# N = 4,096 (WildCat 0.43x) and N = 16,384 (2.7x): benchmarks/results/h100_suite.md.
+# Below this many keys, scaled_dot_product_attention runs exact attention. On the H100 (bf16, 32
+# heads, r = 128) WildCat measured 1.11x cuDNN at N = 4,096 with num_bins = 16 but 0.84x with
+# num_bins = 64, and 6.1-7.3x at N = 16,384 (benchmarks/results/h100_suite.md): the threshold stays
+# above the length where it is not faster for every setting.
 DEFAULT_MIN_SEQ_LEN = 8192
 
 FALLBACKS = ("sdpa", "error")
@@ -64,6 +66,18 @@ def draw_seed(
             )
         return torch.randint(0, _SEED_HIGH, (), generator=generator, device=generator.device)
     return torch.randint(0, _SEED_HIGH, (), device=device)
+
+
+def query_norm_per_kv_head(query: Tensor, kv_heads: Optional[int] = None) -> Tensor:
+    """R_q per group, the `query_norm` compress_kv takes: the largest query norm over the M queries
+    of every query head sharing a kv head. query (..., Hq, M, E) → (..., kv_heads) (kv_heads
+    defaults to Hq); a rank-2 query (M, E) gives a scalar. The op wildcat::query_norm (one read of
+    the queries on CUDA); wildcat.reference.query_norm_per_kv_head is its plain-PyTorch form."""
+    if query.dim() < 3:
+        kv_heads = 1
+    elif kv_heads is None:
+        kv_heads = query.shape[-3]
+    return ops.query_norm(query, kv_heads)
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -348,7 +362,7 @@ def scaled_dot_product_attention(
     if key.shape[-2] < min_seq_len:
         return exact()
 
-    q_norm = ops.query_norm(query, 1 if kv_heads is None else kv_heads)  # None: a rank-2 query
+    q_norm = query_norm_per_kv_head(query, kv_heads)
     if key_mask is not None:
         key_mask = key_mask.expand(key.shape[:-1])
     core = _compress(key, value, key_mask, r, num_bins, scale, q_norm, draw_seed(seed, generator, key.device), tau,
