@@ -30,7 +30,8 @@ def samples(device):
         yield "query_norm", (q[0, 0], 1)
 
 
-@pytest.mark.parametrize("index", range(27))
+# as many cases as samples() yields (the same on every device), counted rather than typed in
+@pytest.mark.parametrize("index", range(sum(1 for _ in samples("cpu"))))
 def test_opcheck(device, index):
     name, args = list(samples(device))[index]
     torch.library.opcheck(getattr(torch.ops.wildcat, name).default, args)
