@@ -10,14 +10,18 @@
 //  - coreset_attention_mma: bfloat16 (float16 compiles too; the glue routes it to the general
 //    kernel, see there) with E = D in {64, 128} and the coreset resident in
 //    shared memory (r up to 512 at 64). Tensor cores for both products: Q Kᵀ on the exact
-//    16-bit inputs (mma m16n8k16, float accumulation), P V̂ in TF32 (mma m16n8k8) because V̂ is
-//    float32 with signed, possibly large entries; the denominator Σ P w stays in float32 FMAs.
+//    16-bit inputs, P V̂ on float16 P and V̂ (mma m16n8k16, float accumulation). V̂ is float32
+//    with signed, possibly large entries, so each of its columns is scaled by a power of two
+//    that puts its largest magnitude in [2^14, 2^15) before the float16 rounding, and the
+//    epilogue divides the scale out exactly: the rounding is then relative, 2^-11, as TF32's.
+//    The weights ride along as one more column of V̂, so Σ P w comes out of the same mma.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cfloat>
 #include <cstdint>
 
 #include "common.h"
@@ -203,25 +207,39 @@ __global__ void __launch_bounds__(kSimtWarps * 32) coreset_attention_simt(Attent
 
 constexpr int kMmaWarps = 8;            // 16 query rows each
 constexpr int kMmaTileRows = 16 * kMmaWarps;
-constexpr int kMmaChunk = 64;           // keys per softmax step
-constexpr int kMmaKeyPad = 8;           // 16-bit elements of padding per key row: no bank conflicts
-constexpr int kMmaValuePad = 4;         // floats of padding per value row: no bank conflicts
+constexpr float kRescaleSlack = 8.0f;  // log2 units the running maximum may lag behind a row's logits
+constexpr int kMmaQueryPad = 8;  // 16-bit elements of padding per query row: ldmatrix without bank conflicts
+constexpr int kMmaKeyPad = 32;   // per key row: each row's 16-byte loads start 64 bytes (mod 128) after the last's
 
-__host__ __device__ inline int64_t mma_padded_rank(int64_t r) { return (r + kMmaChunk - 1) / kMmaChunk * kMmaChunk; }
-
-// The coreset (keys, TF32 values, weights, bounds), then `stages` buffers per warp of its 16 query
-// rows, which also stage the warp's output block.
+// Keys per online-softmax step: 32 at D = 64, where the logits of 64 keys would cost the second
+// CTA per SM its registers (and measured 3% slower), 64 at D = 128 (3% faster than 32).
 template <int kDim>
-__host__ __device__ inline size_t mma_smem_bytes(int64_t r, int stages) {
-  const int64_t rp = mma_padded_rank(r);
-  return rp * (kDim + kMmaKeyPad) * 2 + rp * (kDim + kMmaValuePad) * 4 + rp * 4 + 2 * kDim * 4 +
-         static_cast<size_t>(kMmaWarps) * stages * 16 * (kDim + kMmaKeyPad) * 2;
+constexpr int mma_chunk() {
+  return kDim == 64 ? 32 : 64;
 }
 
-__device__ __forceinline__ uint32_t to_tf32(float x) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-  return r;
+template <int kDim>
+__host__ __device__ inline int64_t mma_padded_rank(int64_t r) {
+  return (r + mma_chunk<kDim>() - 1) / mma_chunk<kDim>() * mma_chunk<kDim>();
+}
+
+// The coreset (keys, in the fragment order below; float16 values with the weights as column D and
+// zeros up to D + 8, whose 16-byte row stride is odd, so ldmatrix is free of bank conflicts;
+// per-column scale factors and their inverses; bounds), then `stages` buffers per warp of its 16
+// query rows, which also stage the warp's output block.
+template <int kDim>
+__host__ __device__ inline size_t mma_smem_bytes(int64_t r, int stages) {
+  const int64_t rp = mma_padded_rank<kDim>(r);
+  return rp * (kDim + kMmaKeyPad) * 2 + rp * (kDim + 8) * 2 + 2 * (kDim + 8) * 4 + 2 * kDim * 4 +
+         static_cast<size_t>(kMmaWarps) * stages * 16 * (kDim + kMmaQueryPad) * 2;
+}
+
+// Where key column c goes within its row: in each block of 32 columns (two k-steps of 16), the
+// four 32-bit B-fragment words a lane `quad` needs (columns 2 quad, 2 quad + 1 and 2 quad + 8,
+// 2 quad + 9 of each step) lie side by side, so one 16-byte load gives both steps' b0 and b1.
+__host__ __device__ inline int mma_key_position(int c) {
+  const int step = c % 32 / 16, high = c % 16 / 8, quad = c % 8 / 2;
+  return c / 32 * 32 + quad * 8 + step * 4 + high * 2 + c % 2;
 }
 
 template <typename scalar_t>
@@ -246,15 +264,6 @@ __device__ __forceinline__ void mma_16x8x16<__half>(float (&d)[4], const uint32_
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ void mma_tf32_16x8x8(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                                uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // 16 bytes from global to shared memory, asynchronously; `valid` false writes zeros instead.
 __device__ __forceinline__ void copy_async_16_or_zero(unsigned shared, const void* global, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared), "l"(global), "r"(valid ? 16 : 0));
@@ -276,36 +285,97 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], unsigned shared) {
                : "r"(shared));
 }
 
+__device__ __forceinline__ uint4 load_shared_16(unsigned shared) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(shared));
+  return v;
+}
+
+// The B fragments of m16n8k16 from a row-major (k, n) tile: x4 gives two 8-column tiles (matrices
+// 0, 1: keys 0..7, 8..15 of the first; 2, 3: of the second), x2 one.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], unsigned shared) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared));
+}
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], unsigned shared) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(shared));
+}
+
+// Two floats as a float16 pair (round to nearest), the first in the low half: an A fragment word.
+__device__ __forceinline__ uint32_t half_pair(float low, float high) {
+  const __half2 h = __floats2half2_rn(low, high);
+  uint32_t r;
+  memcpy(&r, &h, 4);
+  return r;
+}
+
+// The power of two 2^k that scales a column whose largest magnitude is `peak` into [2^14, 2^15)
+// (float16's top binade, no overflow); 1 for a zero or non-finite column. k stays within
+// [-126, 126] so that 2^k and 2^-k are normal floats.
+__device__ __forceinline__ int half_scale_exponent(float peak) {
+  if (!(peak > 0.0f) || !isfinite(peak)) return 0;
+  int e;
+  frexpf(peak, &e);  // peak = m 2^e, m in [0.5, 1)
+  const int k = 15 - e;
+  return k < -126 ? -126 : (k > 126 ? 126 : k);
+}
+
+// 2^x in one MUFU instruction: results below 2^-126 flush to zero, which probabilities of at
+// most 1 can afford (exp2f adds a range fix-up around the same instruction).
+__device__ __forceinline__ float exp2_flush(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Clamps that keep a NaN a NaN (fmaxf / fminf would return the bound).
+__device__ __forceinline__ float max_keep_nan(float a, float b) {
+  float y;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
+  return y;
+}
+__device__ __forceinline__ float min_keep_nan(float a, float b) {
+  float y;
+  asm("min.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
+  return y;
+}
+
 // grid (B * Hq, ceil(tiles / tiles_per_cta)), block 256. The kv head's coreset is loaded into
 // shared memory once, then the CTA walks its query tiles. Fragment layouts are those of the PTX
-// ISA for mma.m16n8k16 / m16n8k8: lane = 4 * group + quad; a thread holds rows group and
-// group + 8 and columns 2 * quad, 2 * quad + 1 of every 8-column tile.
+// ISA for mma.m16n8k16: lane = 4 * group + quad; a thread holds rows group and group + 8 and
+// columns 2 * quad, 2 * quad + 1 of every 8-column tile.
 // E = D = 64 fits two CTAs per SM in shared memory, and in registers (at most 128) too.
 template <typename scalar_t, int kDim>
 __global__ void __launch_bounds__(kMmaWarps * 32, kDim == 64 ? 2 : 1)
     coreset_attention_mma(AttentionParams<scalar_t, float> p) {
-  constexpr int kKeyStride = kDim + kMmaKeyPad;      // 16-bit elements
-  constexpr int kValueStride = kDim + kMmaValuePad;  // floats
+  constexpr int kQueryStride = kDim + kMmaQueryPad;  // 16-bit elements
+  constexpr int kKeyStride = kDim + kMmaKeyPad;
+  constexpr int kValueCols = kDim + 8;               // V̂, then the weights, then 7 zero columns
   constexpr int kSteps = kDim / 16;                  // k-steps of Q Kᵀ
   constexpr int kTiles = kDim / 8;                   // 8-column tiles of the output
-  constexpr int kPieces = kDim * 2 / 16;             // 16-byte pieces of a query or output row
-  // ldmatrix for the keys and 16-byte value loads: fewer instructions but more registers. At
-  // E = D = 64 they cost the second CTA per SM (measured slower: benchmarks/NOTES.md).
-  constexpr bool kWideLoads = kDim == 128;
+  constexpr int kPieces = kDim * 2 / 16;             // 16-byte pieces of a row
+  constexpr int kThreads = kMmaWarps * 32;
+  constexpr int kMmaChunk = mma_chunk<kDim>();
+  constexpr int kBatch = 8;                          // staging loads in flight per thread
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int64_t rp = mma_padded_rank(p.r);
+  const int rp = static_cast<int>(mma_padded_rank<kDim>(p.r));
+  const int r = static_cast<int>(p.r);
   scalar_t* keys_s = reinterpret_cast<scalar_t*>(smem_raw);
-  float* values_s = reinterpret_cast<float*>(keys_s + rp * kKeyStride);  // TF32 bit patterns
-  float* weights_s = values_s + rp * kValueStride;
-  float* vmin_s = weights_s + rp;
+  __half* values_s = reinterpret_cast<__half*>(keys_s + rp * kKeyStride);
+  float* scale_s = reinterpret_cast<float*>(values_s + rp * kValueCols);  // 2^k of each column
+  float* unscale_s = scale_s + kValueCols;                                 // 2^-k
+  float* vmin_s = unscale_s + kValueCols;
   float* vmax_s = vmin_s + kDim;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = lane / 4, quad = lane % 4;
-  // this warp's query buffers: 16 rows of kKeyStride elements (the padding keeps ldmatrix and the
-  // output block's 32-bit writes free of bank conflicts)
-  scalar_t* rows_s = reinterpret_cast<scalar_t*>(vmax_s + kDim) + warp * p.query_stages * 16 * kKeyStride;
+  // this warp's query buffers: 16 rows of kQueryStride elements (the padding keeps ldmatrix and
+  // the output block's 32-bit writes free of bank conflicts)
+  scalar_t* rows_s = reinterpret_cast<scalar_t*>(vmax_s + kDim) + warp * p.query_stages * 16 * kQueryStride;
   const unsigned rows_address = static_cast<unsigned>(__cvta_generic_to_shared(rows_s));
-  constexpr unsigned kBufferBytes = 16 * kKeyStride * 2;
+  constexpr unsigned kBufferBytes = 16 * kQueryStride * 2;
 
   const int64_t bh = blockIdx.x;
   const int64_t batch = bh / p.q_heads, head = bh % p.q_heads;
@@ -313,42 +383,111 @@ __global__ void __launch_bounds__(kMmaWarps * 32, kDim == 64 ? 2 : 1)
   const int64_t tiles = (p.m + kMmaTileRows - 1) / kMmaTileRows;
   const int64_t tile_first = blockIdx.y * p.tiles_per_cta;
   const int64_t tile_last = tile_first + p.tiles_per_cta < tiles ? tile_first + p.tiles_per_cta : tiles;
-  // The warp's 16 rows of a tile: row0 + 0..15. Each lane copies kPieces / 2 pieces of 16 bytes.
+  // The warp's 16 rows of a tile: row0 + 0..15. Lane l copies piece l % kPieces (16 bytes) of rows
+  // row0 + l / kPieces + kRowStep i; the per-lane parts of the addresses are formed once here.
+  constexpr int kRowStep = 32 / kPieces;
+  const int lane_row = lane / kPieces, lane_part = lane % kPieces;
+  const scalar_t* query_lane = p.query + (bh * p.m + lane_row) * kDim + lane_part * 8;
+  scalar_t* out_lane = p.out + (bh * p.m + lane_row) * kDim + lane_part * 8;
+  const unsigned buffer_lane = (lane_row * kQueryStride + lane_part * 8) * 2;  // bytes into a buffer
   auto block_row0 = [&](int64_t tile) { return tile * kMmaTileRows + warp * 16; };
   auto load_block = [&](int64_t tile, int buffer) {
     const int64_t row0 = block_row0(tile);
-    for (int piece = lane; piece < 16 * kPieces; piece += 32) {
-      const int row = piece / kPieces, part = piece % kPieces;
-      const bool valid = row0 + row < p.m;
-      const scalar_t* src = p.query + (bh * p.m + (valid ? row0 + row : 0)) * kDim + part * 8;
-      copy_async_16_or_zero(rows_address + buffer * kBufferBytes + (row * kKeyStride + part * 8) * 2, src, valid);
+#pragma unroll
+    for (int i = 0; i < 16 / kRowStep; ++i) {
+      const int64_t row = row0 + kRowStep * i;
+      const bool valid = row + lane_row < p.m;
+      copy_async_16_or_zero(rows_address + buffer * kBufferBytes + buffer_lane + kRowStep * i * kQueryStride * 2,
+                            valid ? query_lane + row * kDim : p.query, valid);
     }
     asm volatile("cp.async.commit_group;\n" ::);
   };
   // the first block's copies go out before the coreset is staged, which overlaps their latency
   if (tile_first < tile_last) load_block(tile_first, 0);
 
-  // Stage the coreset (padding slots: zero key, value and weight; masked from the softmax). The
-  // values are rounded to TF32 once here, not per use. With kWideLoads their columns are permuted
-  // so that the B fragments a lane needs from one value row (column 8 d + group of every output
-  // tile d) lie in whole 16-byte vectors: position (d / 4) · 32 + group · 4 + d % 4. With a row
-  // stride of 4 (mod 32) floats, the 8 lanes of a quarter-warp (2 groups × 4 rows 2 quad) hit
-  // distinct 16-byte bank groups.
-  for (int64_t i = threadIdx.x; i < rp * kDim; i += blockDim.x) {
-    const int64_t s = i / kDim, c = i % kDim;
-    keys_s[s * kKeyStride + c] = s < p.r ? p.keys[(kvh * p.r + s) * kDim + c] : store_as<scalar_t>(0.0f);
-    const int64_t d = c / 8, g = c % 8;  // column c = 8 d + g of the output tile d, lane group g
-    values_s[s * kValueStride + (kWideLoads ? (d / 4) * 32 + g * 4 + d % 4 : c)] =
-        __uint_as_float(to_tf32(s < p.r ? p.values[(kvh * p.r + s) * kDim + c] : 0.0f));
+  // Stage the coreset (padding slots: zero key, value and weight; masked from the softmax), with
+  // kBatch loads in flight per thread: the staging is a fixed cost per CTA. Each thread owns one
+  // value column. First the largest magnitude of each value column and of the weights
+  // (non-negative floats order as their bit patterns; a NaN wins, which leaves the column
+  // unscaled), then the float16 columns scaled by their powers of two.
+  const float* values = p.values + kvh * p.r * kDim;
+  const float* weights = p.weights + kvh * p.r;
+  const scalar_t* keys = p.keys + kvh * p.r * kDim;
+  constexpr int kRowsPerPass = kThreads / kDim;  // rows of the values covered by one pass of the block
+  const int col = threadIdx.x % kDim, row_first = threadIdx.x / kDim;
+  unsigned* peak_s = reinterpret_cast<unsigned*>(unscale_s);
+  for (int c = threadIdx.x; c < kValueCols; c += kThreads) peak_s[c] = 0u;
+  __syncthreads();
+  float peak = 0.0f;
+  for (int s = row_first; s < r; s += kRowsPerPass * kBatch) {
+    float x[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) x[j] = s + j * kRowsPerPass < r ? values[(s + j * kRowsPerPass) * kDim + col] : 0.0f;
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) peak = max_keep_nan(peak, fabsf(x[j]));
   }
-  for (int64_t s = threadIdx.x; s < rp; s += blockDim.x) weights_s[s] = s < p.r ? p.weights[kvh * p.r + s] : 0.0f;
-  for (int64_t c = threadIdx.x; c < kDim; c += blockDim.x) {
+  atomicMax(&peak_s[col], __float_as_uint(peak));
+  float weight_peak = 0.0f;
+  for (int s = threadIdx.x; s < r; s += kThreads) weight_peak = max_keep_nan(weight_peak, fabsf(weights[s]));
+  atomicMax(&peak_s[kDim], __float_as_uint(weight_peak));
+  __syncthreads();
+  for (int c = threadIdx.x; c < kValueCols; c += kThreads) {
+    const int k = half_scale_exponent(__uint_as_float(peak_s[c]));  // read before unscale_s[c] replaces it
+    scale_s[c] = ldexpf(1.0f, k);
+    unscale_s[c] = ldexpf(1.0f, -k);
+  }
+  __syncthreads();
+  const float column_scale = scale_s[col];
+  for (int s = row_first; s < rp; s += kRowsPerPass * kBatch) {
+    float x[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) x[j] = s + j * kRowsPerPass < r ? values[(s + j * kRowsPerPass) * kDim + col] : 0.0f;
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      if (s + j * kRowsPerPass < rp) values_s[(s + j * kRowsPerPass) * kValueCols + col] = __float2half_rn(x[j] * column_scale);
+    }
+  }
+  for (int i = threadIdx.x; i < rp * 8; i += kThreads) {
+    const int s = i / 8, c = kDim + i % 8;
+    values_s[s * kValueCols + c] = __float2half_rn(c == kDim && s < r ? weights[s] * scale_s[kDim] : 0.0f);
+  }
+  // keys: 16-byte pieces (8 columns), each scattered as four 32-bit words to mma_key_position
+  for (int t = threadIdx.x; t < rp * kPieces; t += kThreads * kBatch) {
+    uint4 x[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int piece = t + j * kThreads;
+      x[j] = piece < r * kPieces ? reinterpret_cast<const uint4*>(keys)[piece] : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int piece = t + j * kThreads;
+      if (piece < rp * kPieces) {
+        uint32_t* row = reinterpret_cast<uint32_t*>(keys_s + piece / kPieces * kKeyStride);
+        const int c = piece % kPieces * 8;
+        row[mma_key_position(c) / 2] = x[j].x;
+        row[mma_key_position(c + 2) / 2] = x[j].y;
+        row[mma_key_position(c + 4) / 2] = x[j].z;
+        row[mma_key_position(c + 6) / 2] = x[j].w;
+      }
+    }
+  }
+  for (int c = threadIdx.x; c < kDim; c += kThreads) {
     vmin_s[c] = p.value_min ? p.value_min[kvh * kDim + c] : -INFINITY;
     vmax_s[c] = p.value_max ? p.value_max[kvh * kDim + c] : INFINITY;
   }
   __syncthreads();
-  const float scale_log2 = static_cast<float>(p.beta * 1.4426950408889634);  // exp(x) = exp2(x log2 e)
+  // exp(β x) = exp2(x β log2 e); β > 0 (checked by the op), so the running maximum of the raw
+  // logits is that of the scaled ones. A β below float range becomes the least normal float:
+  // finite logits still give exp2(~0) = 1, and the padding's -inf gives 0 rather than NaN.
+  const float scale_log2 = fmaxf(static_cast<float>(p.beta * 1.4426950408889634), FLT_MIN);
+  const unsigned values_address = static_cast<unsigned>(__cvta_generic_to_shared(values_s));
+  // ldmatrix rows for V̂ (.trans): lane l addresses key 16 kk + l % 16 at columns 8 (t + l / 16)
+  // (b0, b1 of tile t, then of tile t + 1)
+  const unsigned value_lane = ((lane % 16) * kValueCols + 8 * (lane / 16)) * 2;
+  // the B fragments of the keys: key 8 n + group, the words of this quad (mma_key_position)
   const unsigned keys_address = static_cast<unsigned>(__cvta_generic_to_shared(keys_s));
+  const unsigned key_lane = (group * kKeyStride + quad * 8) * 2;
 
   for (int64_t tile = tile_first; tile < tile_last; ++tile) {
     const int buffer = p.query_stages == 2 ? static_cast<int>((tile - tile_first) % 2) : 0;
@@ -364,129 +503,149 @@ __global__ void __launch_bounds__(kMmaWarps * 32, kDim == 64 ? 2 : 1)
     uint32_t qa[kSteps][4];
 #pragma unroll
     for (int k = 0; k < kSteps; ++k) {  // lane l addresses row l % 16, columns 16 k + 8 (l / 16)
-      ldmatrix_x4(qa[k], block_address + ((lane % 16) * kKeyStride + 16 * k + 8 * (lane / 16)) * 2);
+      ldmatrix_x4(qa[k], block_address + ((lane % 16) * kQueryStride + 16 * k + 8 * (lane / 16)) * 2);
     }
-    float acc[kTiles][4];
+    float acc[kTiles + 1][4];  // tile kTiles: column 0 is Σ P w
 #pragma unroll
-    for (int n = 0; n < kTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-    float row_max[2] = {-INFINITY, -INFINITY}, den[2] = {0.0f, 0.0f};
+    for (int n = 0; n <= kTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    float row_max[2] = {-INFINITY, -INFINITY};
 
-    for (int64_t s0 = 0; s0 < rp; s0 += kMmaChunk) {
-      float sc[kMmaChunk / 8][4];  // logits of 64 keys: 8 tiles of 8
+    for (int s0 = 0; s0 < rp; s0 += kMmaChunk) {
+      float sc[kMmaChunk / 8][4];  // logits of the chunk's keys, in tiles of 8
+      // One 16-byte load holds b0, b1 of two k-steps. The loads are volatile, as the mma are, so
+      // they stay in this order: the next tile's keys are in flight while this tile multiplies.
+      const unsigned krow = keys_address + (s0 * kKeyStride) * 2 + key_lane;
+      uint4 b[kSteps / 2], next[kSteps / 2];
+#pragma unroll
+      for (int k = 0; k < kSteps / 2; ++k) b[k] = load_shared_16(krow + k * 64);
 #pragma unroll
       for (int n = 0; n < kMmaChunk / 8; ++n) {
+        if (n + 1 < kMmaChunk / 8) {
+#pragma unroll
+          for (int k = 0; k < kSteps / 2; ++k) next[k] = load_shared_16(krow + (8 * (n + 1) * kKeyStride) * 2 + k * 64);
+        }
         sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
-        if constexpr (kWideLoads) {
-          // B fragments of two k-steps per ldmatrix: keys s0 + 8 n + 0..7 (lane % 8), columns
-          // 16 k + 8 (lane / 8): matrices b0, b1 of step k, then of step k + 1
-          const unsigned krow = keys_address + ((s0 + 8 * n + lane % 8) * kKeyStride + 8 * (lane / 8)) * 2;
 #pragma unroll
-          for (int k = 0; k < kSteps; k += 2) {
-            uint32_t b[4];
-            ldmatrix_x4(b, krow + 16 * k * 2);
-            mma_16x8x16<scalar_t>(sc[n], qa[k], b[0], b[1]);
-            mma_16x8x16<scalar_t>(sc[n], qa[k + 1], b[2], b[3]);
-          }
-        } else {
-          const scalar_t* krow = keys_s + (s0 + 8 * n + group) * kKeyStride + 2 * quad;
+        for (int k = 0; k < kSteps; k += 2) {
+          mma_16x8x16<scalar_t>(sc[n], qa[k], b[k / 2].x, b[k / 2].y);
+          mma_16x8x16<scalar_t>(sc[n], qa[k + 1], b[k / 2].z, b[k / 2].w);
+        }
 #pragma unroll
-          for (int k = 0; k < kSteps; ++k) {
-            const uint32_t b0 = *reinterpret_cast<const uint32_t*>(krow + 16 * k);
-            const uint32_t b1 = *reinterpret_cast<const uint32_t*>(krow + 16 * k + 8);
-            mma_16x8x16<scalar_t>(sc[n], qa[k], b0, b1);
-          }
+        for (int k = 0; k < kSteps / 2; ++k) b[k] = next[k];
+      }
+      // online softmax in base 2 on the raw logits (the scale is positive); padding slots, only
+      // in a last partial chunk, get -inf
+      if (s0 + kMmaChunk > r) {
+        const int live = r - s0 - 2 * quad;  // this lane's slots 8 n + (v & 1) below it are real
+#pragma unroll
+        for (int n = 0; n < kMmaChunk / 8; ++n) {
+#pragma unroll
+          for (int v = 0; v < 4; ++v) sc[n][v] = 8 * n + (v & 1) < live ? sc[n][v] : -INFINITY;
         }
       }
-      // online softmax in base 2; padding slots get -inf
       float chunk_max[2] = {-INFINITY, -INFINITY};
-      const int live = static_cast<int>(p.r - s0) - 2 * quad;  // this lane's slots 8 n + (v & 1) below it are real
 #pragma unroll
       for (int n = 0; n < kMmaChunk / 8; ++n) {
 #pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          sc[n][v] = 8 * n + (v & 1) < live ? sc[n][v] * scale_log2 : -INFINITY;
-          chunk_max[v / 2] = fmaxf(chunk_max[v / 2], sc[n][v]);
-        }
+        for (int v = 0; v < 4; ++v) chunk_max[v / 2] = fmaxf(chunk_max[v / 2], sc[n][v]);
       }
+      // The running maximum (scaled) moves on the first chunk and then only when some row of the
+      // warp exceeds it by more than kRescaleSlack: any offset gives the same quotient, and
+      // P = 2^(x - max) ≤ 2^kRescaleSlack stays far inside float16, so most chunks skip the
+      // rescaling of the accumulators.
+      float top[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         chunk_max[h] = fmaxf(chunk_max[h], __shfl_xor_sync(0xffffffffu, chunk_max[h], 1));
         chunk_max[h] = fmaxf(chunk_max[h], __shfl_xor_sync(0xffffffffu, chunk_max[h], 2));
-        const float new_max = fmaxf(row_max[h], chunk_max[h]);
-        const float correction = exp2f(row_max[h] - new_max);
-        row_max[h] = new_max;
-        den[h] *= correction;
-#pragma unroll
-        for (int n = 0; n < kTiles; ++n) {
-          acc[n][2 * h] *= correction;
-          acc[n][2 * h + 1] *= correction;
-        }
+        top[h] = chunk_max[h] * scale_log2;
       }
+      if (s0 == 0) {
+        row_max[0] = top[0];
+        row_max[1] = top[1];
+      } else if (__any_sync(0xffffffffu, top[0] > row_max[0] + kRescaleSlack || top[1] > row_max[1] + kRescaleSlack)) {
 #pragma unroll
-      for (int n = 0; n < kMmaChunk / 8; ++n) {
+        for (int h = 0; h < 2; ++h) {
+          const float new_max = fmaxf(row_max[h], top[h]);
+          const float correction = exp2_flush(row_max[h] - new_max);
+          row_max[h] = new_max;
 #pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          sc[n][v] = exp2f(sc[n][v] - row_max[v / 2]);
-          den[v / 2] += sc[n][v] * weights_s[s0 + 8 * n + 2 * quad + (v & 1)];
-        }
-      }
-      // P V̂ in TF32: within each 8-key step, k-index quad holds key 2 quad and k-index quad + 4
-      // holds key 2 quad + 1, which is where the logits' accumulator layout already put them;
-      // V̂'s rows are read in the same order.
-#pragma unroll
-      for (int n = 0; n < kMmaChunk / 8; ++n) {
-        const uint32_t a0 = to_tf32(sc[n][0]), a1 = to_tf32(sc[n][2]);
-        const uint32_t a2 = to_tf32(sc[n][1]), a3 = to_tf32(sc[n][3]);
-        if constexpr (kWideLoads) {
-          const float* v0 = values_s + (s0 + 8 * n + 2 * quad) * kValueStride + group * 4;
-          const float* v1 = v0 + kValueStride;
-#pragma unroll
-          for (int j = 0; j < kTiles / 4; ++j) {  // output tiles 4 j .. 4 j + 3
-            const float4 x0 = *reinterpret_cast<const float4*>(v0 + 32 * j);
-            const float4 x1 = *reinterpret_cast<const float4*>(v1 + 32 * j);
-            mma_tf32_16x8x8(acc[4 * j], a0, a1, a2, a3, __float_as_uint(x0.x), __float_as_uint(x1.x));
-            mma_tf32_16x8x8(acc[4 * j + 1], a0, a1, a2, a3, __float_as_uint(x0.y), __float_as_uint(x1.y));
-            mma_tf32_16x8x8(acc[4 * j + 2], a0, a1, a2, a3, __float_as_uint(x0.z), __float_as_uint(x1.z));
-            mma_tf32_16x8x8(acc[4 * j + 3], a0, a1, a2, a3, __float_as_uint(x0.w), __float_as_uint(x1.w));
-          }
-        } else {
-          const float* v0 = values_s + (s0 + 8 * n + 2 * quad) * kValueStride + group;
-          const float* v1 = v0 + kValueStride;
-#pragma unroll
-          for (int d = 0; d < kTiles; ++d) {
-            mma_tf32_16x8x8(acc[d], a0, a1, a2, a3, __float_as_uint(v0[8 * d]), __float_as_uint(v1[8 * d]));
+          for (int n = 0; n <= kTiles; ++n) {
+            acc[n][2 * h] *= correction;
+            acc[n][2 * h + 1] *= correction;
           }
         }
+      }
+      const float neg_max[2] = {-row_max[0], -row_max[1]};  // the exponent's offset
+      // P in float16 as the A fragments of m16n8k16: the logits' accumulator tiles 2 kk and
+      // 2 kk + 1 are exactly the fragment of the 16-key step kk (formed step by step, so that
+      // the logits die as they are used)
+#pragma unroll
+      for (int kk = 0; kk < kMmaChunk / 16; ++kk) {
+        uint32_t pa[4];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const float* t = sc[2 * kk + half];
+          pa[2 * half] = half_pair(exp2_flush(fmaf(t[0], scale_log2, neg_max[0])),
+                                   exp2_flush(fmaf(t[1], scale_log2, neg_max[0])));
+          pa[2 * half + 1] = half_pair(exp2_flush(fmaf(t[2], scale_log2, neg_max[1])),
+                                       exp2_flush(fmaf(t[3], scale_log2, neg_max[1])));
+        }
+        const unsigned vrow = values_address + ((s0 + 16 * kk) * kValueCols) * 2 + value_lane;
+#pragma unroll
+        for (int t = 0; t < kTiles; t += 2) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, vrow + 8 * t * 2);
+          mma_16x8x16<__half>(acc[t], pa, b[0], b[1]);
+          mma_16x8x16<__half>(acc[t + 1], pa, b[2], b[3]);
+        }
+        uint32_t b[2];  // the weights' tile (x2 reads the addresses of lanes 0..15)
+        ldmatrix_x2_trans(b, vrow + 8 * kTiles * 2);
+        mma_16x8x16<__half>(acc[kTiles], pa, b[0], b[1]);
       }
     }
+    // Σ P w of rows group and group + 8 sits in column 0 of the weights' tile, at quad 0. The
+    // epilogue of finish(), with one reciprocal per row instead of a division per entry.
+    float inverse[2];
+    bool positive[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      den[h] += __shfl_xor_sync(0xffffffffu, den[h], 1);
-      den[h] += __shfl_xor_sync(0xffffffffu, den[h], 2);
+      const float den = __shfl_sync(0xffffffffu, acc[kTiles][2 * h], lane & ~3) * unscale_s[kDim];
+      positive[h] = den > static_cast<float>(kDenominatorFloor);
+      inverse[h] = 1.0f / den;
     }
     // The output block goes through this block's query buffer (its fragments are in registers):
     // 32-bit pairs in, then whole 16-byte pieces of each row out to global memory.
     __syncwarp();
-    uint32_t* out_s = reinterpret_cast<uint32_t*>(rows_s + buffer * 16 * kKeyStride);
+    uint32_t* out_s = reinterpret_cast<uint32_t*>(rows_s + buffer * 16 * kQueryStride);
 #pragma unroll
     for (int d = 0; d < kTiles; ++d) {
+      const int c = 8 * d + 2 * quad;
+      const float2 lo = *reinterpret_cast<const float2*>(vmin_s + c);
+      const float2 hi = *reinterpret_cast<const float2*>(vmax_s + c);
+      const float2 u = *reinterpret_cast<const float2*>(unscale_s + c);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int c = 8 * d + 2 * quad;
-        const float y0 = finish(acc[d][2 * h], den[h], p.value_min ? vmin_s : nullptr, p.value_max ? vmax_s : nullptr,
-                                p.center_values, c);
-        const float y1 = finish(acc[d][2 * h + 1], den[h], p.value_min ? vmin_s : nullptr,
-                                p.value_max ? vmax_s : nullptr, p.center_values, c + 1);
-        out_s[((group + 8 * h) * kKeyStride + c) / 2] = pack_pair(store_as<scalar_t>(y0), store_as<scalar_t>(y1));
+        float y0 = positive[h] ? acc[d][2 * h] * u.x * inverse[h] : 0.0f;
+        float y1 = positive[h] ? acc[d][2 * h + 1] * u.y * inverse[h] : 0.0f;
+        if (p.center_values) {
+          y0 += (lo.x + hi.x) / 2;
+          y1 += (lo.y + hi.y) / 2;
+        }
+        y0 = min_keep_nan(max_keep_nan(y0, lo.x), hi.x);  // bounds absent: -inf and inf
+        y1 = min_keep_nan(max_keep_nan(y1, lo.y), hi.y);
+        out_s[((group + 8 * h) * kQueryStride + c) / 2] = pack_pair(store_as<scalar_t>(y0), store_as<scalar_t>(y1));
       }
     }
     __syncwarp();
     const int64_t row0 = block_row0(tile);
-    for (int piece = lane; piece < 16 * kPieces; piece += 32) {
-      const int row = piece / kPieces, part = piece % kPieces;
-      if (row0 + row < p.m) {
-        *reinterpret_cast<uint4*>(p.out + (bh * p.m + row0 + row) * kDim + part * 8) =
-            *reinterpret_cast<const uint4*>(rows_s + buffer * 16 * kKeyStride + row * kKeyStride + part * 8);
+#pragma unroll
+    for (int i = 0; i < 16 / kRowStep; ++i) {
+      const int64_t row = row0 + kRowStep * i;
+      if (row + lane_row < p.m) {
+        *reinterpret_cast<uint4*>(out_lane + row * kDim) = *reinterpret_cast<const uint4*>(
+            reinterpret_cast<const unsigned char*>(rows_s) + buffer * kBufferBytes + buffer_lane +
+            kRowStep * i * kQueryStride * 2);
       }
     }
     __syncwarp();  // the buffer is free for the block after next (or, with one stage, the next)

@@ -121,6 +121,54 @@ def test_attention_kernels_against_oracle(dtype, e, dv, rank):
     assert err <= 2 * err_plain, (float(err), float(err_plain))
 
 
+@pytest.mark.parametrize("e", [64, 128])
+@pytest.mark.parametrize("growth", ["rising", "falling"])
+def test_tensor_core_attention_with_logits_that_grow_across_chunks(e, growth):
+    """The tensor-core kernel moves its running maximum only when a chunk's logits exceed it by
+    2^8: key norms that rise along the coreset (later chunks' logits tens of units above the first
+    ones, some rows rescaled and some not) and fall (no rescaling after the first chunk) keep the
+    2x rule; r = 200 leaves a partial last chunk."""
+    dtype = torch.bfloat16
+    rank = 200
+    q = randn(2, 4, 130, e, dtype=dtype)
+    norms = torch.linspace(0.1, 8.0, rank)
+    if growth == "falling":
+        norms = norms.flip(0)
+    keys = (randn(2, 2, rank, e) * norms[:, None]).to(dtype)
+    values = randn(2, 2, rank, e)
+    weights = torch.rand(2, 2, rank) + 0.1  # positive: a sharp softmax on a negative weight would test the floor
+    out = wildcat.ops.coreset_attention(*to("cuda", q, keys, values, weights)).cpu()
+    exact64 = ref.coreset_attention(q.double(), keys.double(), values.double(), weights.double())
+    plain = ref.coreset_attention(q, keys, values, weights)
+    err = (out.double() - exact64).abs().max()
+    err_plain = (plain.double() - exact64).abs().max()
+    assert err <= 2 * err_plain, (float(err), float(err_plain))
+
+
+@pytest.mark.parametrize("e", [64, 128])
+def test_tensor_core_attention_keeps_every_value_column_relative(e):
+    """The tensor-core kernel multiplies P V̂ in float16 with each column scaled by its own power
+    of two: columns from 1e-30 to 1e30 (and a zero one) each keep the 2x rule relative to their
+    own magnitude, where one float16 scale would overflow the large and flush the small."""
+    dtype = torch.bfloat16
+    rank = 96
+    q = randn(1, 4, 150, e, dtype=dtype)
+    keys = randn(1, 2, rank, e, dtype=dtype)
+    magnitude = 10.0 ** torch.linspace(-30, 30, e)
+    magnitude[e // 3] = 0.0
+    values = randn(1, 2, rank, e) * magnitude
+    weights = (torch.rand(1, 2, rank) * 1.5 - 0.25) * 1e-6
+    out = wildcat.ops.coreset_attention(*to("cuda", q, keys, values, weights)).cpu()
+    assert torch.isfinite(out).all()
+    exact64 = ref.coreset_attention(q.double(), keys.double(), values.double(), weights.double())
+    plain = ref.coreset_attention(q, keys, values, weights)
+    per_column = magnitude.double().clamp_min(1e-300)
+    err = ((out.double() - exact64).abs() / per_column).amax()
+    err_plain = ((plain.double() - exact64).abs() / per_column).amax()
+    assert (out[..., e // 3] == 0).all()
+    assert err <= 2 * err_plain, (float(err), float(err_plain))
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("m,e", [(1, 64), (64, 64), (64, 32), (70, 128)])
 def test_attention_reads_strided_entry_views(dtype, m, e):

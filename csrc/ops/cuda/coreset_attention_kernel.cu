@@ -222,9 +222,10 @@ void attend_typed(const at::Tensor& q, const at::Tensor& k_view, const at::Tenso
   // prefix, a transpose) is copied. Values and weights are converted to contiguous below.
   const at::Tensor k = k_view.contiguous();
 
-  // The tensor-core path multiplies P V̂ in TF32, whose 10-bit mantissa is below bfloat16's
-  // output rounding but as coarse as float16's: float16 measured up to 2.1x the float32 oracle's
-  // error there (benchmarks/NOTES.md), so it takes the general kernel.
+  // The tensor-core path multiplies P V̂ in float16 (10-bit mantissa, each column scaled to
+  // float16's top binade), below bfloat16's output rounding but as coarse as float16's: float16
+  // outputs measured up to 2.1x the float32 oracle's error with the same mantissa in TF32
+  // (benchmarks/NOTES.md), so float16 takes the general kernel.
   if constexpr (std::is_same_v<cuda_t, __nv_bfloat16>) {
     const bool dim64 = e == 64 && dv == 64, dim128 = e == 128 && dv == 128;
     // two query buffers per warp (the next block loads while this one computes) where shared
@@ -239,7 +240,9 @@ void attend_typed(const at::Tensor& q, const at::Tensor& k_view, const at::Tenso
     if ((dim64 || dim128) && aligned && smem <= max_shared_memory()) {
       const at::Tensor v = values.to(at::kFloat).contiguous(), w = weights.to(at::kFloat).contiguous();
       const std::optional<at::Tensor> lo = as_type(value_min, at::kFloat), hi = as_type(value_max, at::kFloat);
-      auto p = attention_params<scalar_t, float>(q, k, v, w, lo, hi, center_values, beta, q_heads, kv_heads, out);
+      // the kernel reads the keys in 16-byte pieces too (a fresh allocation is aligned)
+      const at::Tensor keys = reinterpret_cast<uintptr_t>(k.const_data_ptr()) % 16 == 0 ? k : k.clone();
+      auto p = attention_params<scalar_t, float>(q, keys, v, w, lo, hi, center_values, beta, q_heads, kv_heads, out);
       // enough query tiles per CTA that the coreset is staged a few times per SM, not per tile
       const int64_t tiles = (m + kernels::kMmaTileRows - 1) / kernels::kMmaTileRows;
       const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
