@@ -35,11 +35,14 @@ constexpr int kResidentSlotBlock = 8;    // weighted sums: slots accumulated per
 constexpr int kResidentSub = 128;        // weighted sums: points whose products are formed at once
 static_assert(kResidentSub * kResidentSlotBlock >= kResidentMaxThreads, "w_s also holds one double per thread");
 
-template <int kE>
+// kPts consecutive points per thread: 2 (E = 64 and 128), or 4 at E = 64 for bins longer than 8
+// CTAs of 512 points (up to 16 CTAs of 1,024: 128 KB of 16-bit keys per CTA).
+template <int kE, int kPts>
 struct ResidentShape {
   static_assert(kE == 64 || kE == 128, "the resident path serves E = 64 and E = 128");
-  static constexpr int kPoints = kE == 64 ? 4 : 2;  // consecutive points per thread
-  static constexpr int kSliceMax = kResidentMaxThreads * kPoints;  // 128 KB of 16-bit keys per CTA
+  static_assert(kPts == 2 || (kE == 64 && kPts == 4), "2 points per thread, or 4 at E = 64");
+  static constexpr int kPoints = kPts;
+  static constexpr int kSliceMax = kResidentMaxThreads * kPoints;
   static constexpr int kPieces = kE / 8;  // 16-byte pieces per key row
   static constexpr int kColumnQuads = kE / 4;  // threads per point in the weighted sums
 };
@@ -181,13 +184,16 @@ __device__ inline double resident_block_max(double mine, double* scratch) {
   return result;
 }
 
-// grid G * C * cluster (clusters of `cluster` CTAs along x), block slice / kPoints threads.
-template <typename scalar_t, int kE>
-__global__ void __launch_bounds__(kResidentMaxThreads, 1) resident_bin_kernel(ResidentParams<scalar_t> p) {
+// grid G * C * cluster (clusters of `cluster` CTAs along x), block slice / kPts threads. Two points
+// per thread at E = 64 ask for two CTAs per SM (at most 128 registers): the steps are bound by
+// latency, so the warps of a second CTA fill the first one's waits.
+template <typename scalar_t, int kE, int kPts>
+__global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2 : 1)
+    resident_bin_kernel(ResidentParams<scalar_t> p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
-  using Shape = ResidentShape<kE>;
-  constexpr int kPts = Shape::kPoints, kPieces = Shape::kPieces;
+  using Shape = ResidentShape<kE, kPts>;
+  constexpr int kPieces = Shape::kPieces;
   cg::cluster_group cluster = cg::this_cluster();
   const int ranks = p.cluster;
   // a cluster barrier where there is a cluster; one CTA needs only its own

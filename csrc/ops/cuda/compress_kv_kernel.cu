@@ -102,15 +102,15 @@ void launch_pivots(const at::Tensor& points, const float* key_mean, const T* que
 // The resident path (compress_resident.cuh): its CTAs per bin and points per CTA, or cluster = 0
 // where it does not apply (then the general pivot and weighted-sum kernels run).
 struct ResidentPlan {
-  int cluster = 0, slice = 0, threads = 0;
+  int cluster = 0, slice = 0, threads = 0, points = 0;  // points per thread
   size_t smem = 0;
 };
 
 // The resident kernel's launch configuration for `plan`, with `attribute` as its cluster shape.
-template <typename cuda_t, int kE>
+template <typename cuda_t, int kE, int kPts>
 cudaLaunchConfig_t resident_config(const ResidentPlan& plan, int64_t bins_total, cudaStream_t stream,
                                    cudaLaunchAttribute& attribute) {
-  auto kernel = kernels::resident_bin_kernel<cuda_t, kE>;
+  auto kernel = kernels::resident_bin_kernel<cuda_t, kE, kPts>;
   allow_shared_memory(kernel, plan.smem);
   if (plan.cluster > 8) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
@@ -129,21 +129,29 @@ cudaLaunchConfig_t resident_config(const ResidentPlan& plan, int64_t bins_total,
   return config;
 }
 
-template <typename cuda_t, int kE>
+template <typename cuda_t, int kE, int kPts>
 int resident_clusters_that_fit(const ResidentPlan& plan) {
   cudaLaunchAttribute attribute{};
-  const cudaLaunchConfig_t config = resident_config<cuda_t, kE>(plan, 1, nullptr, attribute);
+  const cudaLaunchConfig_t config = resident_config<cuda_t, kE, kPts>(plan, 1, nullptr, attribute);
   int active = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&active, kernels::resident_bin_kernel<cuda_t, kE>, &config));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&active, kernels::resident_bin_kernel<cuda_t, kE, kPts>, &config));
   return active;
 }
 
-template <typename cuda_t, int kE>
+template <typename cuda_t, int kE, int kPts>
 void launch_resident(const ResidentPlan& plan, kernels::ResidentParams<cuda_t>& p, int64_t bins_total,
                      cudaStream_t stream) {
   cudaLaunchAttribute attribute{};
-  const cudaLaunchConfig_t config = resident_config<cuda_t, kE>(plan, bins_total, stream, attribute);
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernels::resident_bin_kernel<cuda_t, kE>, p));
+  const cudaLaunchConfig_t config = resident_config<cuda_t, kE, kPts>(plan, bins_total, stream, attribute);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernels::resident_bin_kernel<cuda_t, kE, kPts>, p));
+}
+
+// f(E, points per thread) as compile-time constants for `plan` (E = 64 or 128).
+template <typename F>
+auto with_resident_shape(const ResidentPlan& plan, int64_t e, F&& f) {
+  if (e == 128) return f(std::integral_constant<int, 128>{}, std::integral_constant<int, 2>{});
+  if (plan.points == 2) return f(std::integral_constant<int, 64>{}, std::integral_constant<int, 2>{});
+  return f(std::integral_constant<int, 64>{}, std::integral_constant<int, 4>{});
 }
 
 template <typename cuda_t>
@@ -157,30 +165,27 @@ ResidentPlan plan_resident(const at::Tensor& keys, const at::Tensor& values, int
     if (at::cuda::getCurrentDeviceProperties()->major < 9) return plan;  // clusters: sm_90
     const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
     if (!aligned(keys) || !aligned(values)) return plan;
-    const int64_t points = e == 64 ? kernels::ResidentShape<64>::kPoints : kernels::ResidentShape<128>::kPoints;
+    // Two points per thread where the bin fits 8 portable CTAs of 512 points: twice the warps of
+    // four points per thread, which hide more of each step's latency (NOTES.md, session 5);
+    // longer bins at E = 64 take four (up to 16 CTAs of 1,024 points).
+    const int64_t points = e == 64 && length_max > 8 * kernels::kResidentMaxThreads * 2 ? 4 : 2;
     const int64_t slice_max = kernels::kResidentMaxThreads * points;
-    int64_t cluster = (length_max + slice_max - 1) / slice_max;
+    const int64_t cluster = (length_max + slice_max - 1) / slice_max;
     if (cluster > kernels::kResidentMaxCluster) return plan;
     const int64_t granule = 32 * points;  // whole warps of threads
-    // Bins of 4,096 keys and more: half-size slices where the cluster stays portable, so that two
-    // CTAs share an SM and one's barriers overlap the other's arithmetic (N = 65,536, bins = 16:
-    // 1.97 → 1.70 ms of compression; smaller slices at shorter bins measured slower: NOTES.md)
-    if (length_max >= 4096 && cluster * 2 <= 8) cluster *= 2;
     const int64_t slice = ((length_max + cluster - 1) / cluster + granule - 1) / granule * granule;
     const size_t smem = kernels::resident_layout(static_cast<int>(e), static_cast<int>(slice), slots_max).bytes;
     if (smem > max_shared_memory()) return plan;
     plan.cluster = static_cast<int>(cluster);
     plan.slice = static_cast<int>(slice);
     plan.threads = static_cast<int>(slice / points);
+    plan.points = static_cast<int>(points);
     plan.smem = smem;
     // a cluster beyond the portable 8 CTAs is allowed only where the device can co-schedule it
     if (cluster > 8) {
-      int active = 0;
-      if (e == 64) {
-        active = resident_clusters_that_fit<cuda_t, 64>(plan);
-      } else {
-        active = resident_clusters_that_fit<cuda_t, 128>(plan);
-      }
+      const int active = with_resident_shape(plan, e, [&](auto dim, auto pts) {
+        return resident_clusters_that_fit<cuda_t, decltype(dim)::value, decltype(pts)::value>(plan);
+      });
       if (active < 1) plan.cluster = 0;
     }
     return plan;
@@ -279,11 +284,9 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
       rp.counts = ws.counts.template mutable_data_ptr<int32_t>();
       rp.max_sq_norm = ws.max_sq_norm.template mutable_data_ptr<double>();
       rp.partial = partial.mutable_data_ptr<double>();
-      if (e == 64) {
-        launch_resident<cuda_t, 64>(plan, rp, groups * num_bins, stream);
-      } else {
-        launch_resident<cuda_t, 128>(plan, rp, groups * num_bins, stream);
-      }
+      with_resident_shape(plan, e, [&](auto dim, auto pts) {
+        launch_resident<cuda_t, decltype(dim)::value, decltype(pts)::value>(plan, rp, groups * num_bins, stream);
+      });
     }
   } else if (any_sampled) {
     launch_pivots<scalar_t, T>(keys, key_mean.const_data_ptr<float>(), qn ? qn->const_data_ptr<T>() : nullptr,
