@@ -211,8 +211,8 @@ constexpr float kRescaleSlack = 8.0f;  // log2 units the running maximum may lag
 constexpr int kMmaQueryPad = 8;  // 16-bit elements of padding per query row: ldmatrix without bank conflicts
 constexpr int kMmaKeyPad = 32;   // per key row: each row's 16-byte loads start 64 bytes (mod 128) after the last's
 
-// Keys per online-softmax step: 32 at D = 64, where the logits of 64 keys would cost the second
-// CTA per SM its registers (and measured 3% slower), 64 at D = 128 (3% faster than 32).
+// Keys per online-softmax step: 32 at D = 64, where the logits of 64 keys spill at the 128-register
+// cap of two CTAs per SM (measured 3% slower); 64 at D = 128 (3% faster than 32).
 template <int kDim>
 constexpr int mma_chunk() {
   return kDim == 64 ? 32 : 64;
