@@ -24,8 +24,9 @@ def to(device, *tensors):
 @pytest.mark.parametrize(
     "n,rank,bins,e,dv",
     [(97, 16, 3, 32, 16), (1025, 64, 4, 64, 64), (4096, 128, 16, 64, 64), (3000, 32, 1, 128, 64), (20000, 24, 1, 64, 64),
-     # the resident path with bins split over clusters: 4 CTAs and two blocks of 8 slots; E = 128
-     # over 5 CTAs, the last one shorter; 10 CTAs (a non-portable cluster size)
+     # the resident path with bins split over clusters: 8 CTAs of 512 points (two per thread) and
+     # two blocks of 8 slots; E = 128 over 5 CTAs, the last one shorter; 10 CTAs of four points per
+     # thread (a non-portable cluster size)
      (8192, 32, 2, 64, 64), (5000, 24, 2, 128, 128), (20000, 8, 2, 64, 64)],
 )
 def test_compress_picks_the_cpu_pivots(dtype, n, rank, bins, e, dv):
