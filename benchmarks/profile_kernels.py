@@ -22,8 +22,6 @@ def main() -> None:
     for n in args.n:
         q, k, v = (torch.randn(1, args.heads, n, args.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         for bins in args.num_bins:
-            if bins == 1 and n > 16384:
-                continue  # minutes per call until block pivoting lands (benchmarks/NOTES.md)
             call = lambda: wildcat.coreset_attention(  # noqa: E731
                 q, wildcat.compress_kv(k, v, args.r, bins, query_norm=wildcat.ops.query_norm(q, args.heads), seed=1))
             call()

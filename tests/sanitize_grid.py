@@ -28,6 +28,9 @@ def main() -> int:
         (torch.float16, 3000, 24, 2, 128, 128, 2, 2, 33),    # resident, E = 128, 3 CTAs
         (torch.bfloat16, 20000, 8, 2, 64, 64, 2, 1, 9),      # resident, 10 CTAs (non-portable cluster)
         (torch.bfloat16, 8192, 16, 2, 64, 64, 1, 1, 9),      # resident, bins of 4,096: 8 CTAs of 512 keys
+        (torch.bfloat16, 12000, 96, 1, 64, 64, 2, 2, 9),     # block pivoting over clusters of 5 CTAs
+        (torch.float32, 3000, 33, 2, 40, 24, 2, 1, 9),       # bins of 17 and 16 slots: both pivot kernels
+        (torch.float64, 900, 80, 1, 16, 8, 2, 2, 9),         # block pivoting in double
     ]
     for dtype, n, r, bins, e, dv, hq, hkv, m in cases:
         q = torch.randn(1, hq, m, e, device=dev).to(dtype)
@@ -63,8 +66,9 @@ def main() -> int:
         out = wildcat.ops.coreset_attention(q, keys, torch.randn(1, 32, 100, e, device=dev),
                                             torch.rand(1, 32, 100, device=dev))
         failures += not bool(torch.isfinite(out).all())
-    pivots, kinv, rows = wildcat.ops.rp_nystrom(torch.randn(2, 150, 8, device=dev) * 0.5, 12, seed=3)
-    failures += not bool(torch.isfinite(kinv).all() and torch.isfinite(rows).all())
+    for rank in (12, 40):  # one pivot per step; block pivoting
+        pivots, kinv, rows = wildcat.ops.rp_nystrom(torch.randn(2, 150, 8, device=dev) * 0.5, rank, seed=3)
+        failures += not bool(torch.isfinite(kinv).all() and torch.isfinite(rows).all())
     failures += degenerate_cases(dev)
     torch.cuda.synchronize()
     print(f"sanitize_grid: {failures} non-finite outputs")

@@ -8,7 +8,8 @@ written here with int64 tensor arithmetic, so the same seed picks the same pivot
 
 Functions
 ---------
-- :func:`rp_nystrom`: randomly pivoted Cholesky with Nyström weights on pre-scaled points (§2.7).
+- :func:`rp_nystrom`: randomly pivoted Cholesky with Nyström weights on pre-scaled points (§2.7),
+  in rounds of block pivoting for more than 16 pivots (§7).
 - :func:`compress_kv`: the whole of §2: bounds, centring, bins, temperature, pivots, weights.
 - :func:`coreset_attention`: §3, attention of queries over a weighted coreset.
 - :func:`wildcat_attention`: compression followed by coreset attention, as the public API does.
@@ -17,6 +18,7 @@ Functions
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional
 
@@ -49,6 +51,15 @@ _CONSTANT_TAU2 = 3.94582
 _MASK32 = 0xFFFFFFFF
 _PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_BUMP = (0x9E3779B9, 0xBB67AE85)
+
+# Block pivoting (§7), the numbers of csrc/kernels/block_pivoting.h: bins of more slots than
+# SEQUENTIAL_MAX_SLOTS choose their pivots in rounds of BLOCK_DRAWS draws; draw j of round t takes
+# its noise from Philox step _BLOCK_DRAW_STEP + t * BLOCK_DRAWS + j and its acceptance uniform from
+# step _BLOCK_ACCEPT_STEP + t * BLOCK_DRAWS + j (apart from the one-pivot steps 0 … r_b - 1).
+SEQUENTIAL_MAX_SLOTS = 16
+BLOCK_DRAWS = 32
+_BLOCK_DRAW_STEP = 0x40000000
+_BLOCK_ACCEPT_STEP = 0x80000000
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -83,11 +94,10 @@ def philox4x32_10(counter: tuple, key0: int, key1: int) -> tuple[Tensor, Tensor,
     return c0, c1, c2, c3
 
 
-def log_exponential_noise(
-    seed: int, group: Tensor, step: int, position: Tensor, dtype: torch.dtype
-) -> Tensor:
-    """log E for E ~ Exp(1), the noise of pivot step `step` at `position` (global index in the
-    group's sequence) of `group`; group and position broadcast. See csrc/kernels/philox.h."""
+def _open_uniform(seed: int, group: Tensor, step, position: Tensor, dtype: torch.dtype) -> Tensor:
+    """The uniform in (0, 1) of Philox step `step` at `position` (global index in the group's
+    sequence) of `group`: word position % 4 of the quad position / 4. group, step (an int or an
+    int64 tensor) and position broadcast. See csrc/kernels/philox.h."""
     seed = int(seed) & ((1 << 64) - 1)
     group = torch.as_tensor(group, dtype=torch.int64)
     position = torch.as_tensor(position, dtype=torch.int64)
@@ -96,8 +106,15 @@ def log_exponential_noise(
     )
     word = torch.stack(torch.broadcast_tensors(*words), -1)
     word = word.gather(-1, (position & 3).expand(word.shape[:-1]).unsqueeze(-1)).squeeze(-1)
-    uniform = (2 * (word >> 9) + 1).to(dtype) * 2.0**-24  # in (0, 1), exact in float32
-    return torch.log(-torch.log(uniform))
+    return (2 * (word >> 9) + 1).to(dtype) * 2.0**-24  # exact in float32
+
+
+def log_exponential_noise(
+    seed: int, group: Tensor, step, position: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """log E for E ~ Exp(1), the noise of pivot step `step` at `position` of `group` (broadcast
+    as in :func:`_open_uniform`)."""
+    return torch.log(-torch.log(_open_uniform(seed, group, step, position, dtype)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +170,9 @@ def _pivoted_cholesky(
     tol: float,
     forced: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Run RPCholesky on B independent rows of points at once, one pivot per step.
+    """Run RPCholesky on B independent rows of points at once: rows of more than
+    SEQUENTIAL_MAX_SLOTS steps choose their pivots in rounds (§7), the others one per step (§2.7).
+    Forced pivots are taken one per step in every row.
 
     x: (B, n, E) scaled points, zero where not valid; valid: (B, n); steps: (B,) pivots wanted per
     row; groups, offsets: (B,) the random stream of each row (its group, and the global position
@@ -166,12 +185,63 @@ def _pivoted_cholesky(
     """
     B, n, _ = x.shape
     k = int(steps.max()) if B > 0 else 0
-    s = (x * x).sum(-1)
-    d = valid.to(x.dtype)  # residual diagonal of the Gaussian kernel
+    pivots = torch.zeros(B, k, dtype=torch.int64, device=x.device)
     kinv = x.new_zeros(B, k, k)
     rows = x.new_zeros(B, k, n)
+    in_rounds = steps > SEQUENTIAL_MAX_SLOTS
+    if forced is not None:
+        in_rounds = torch.zeros_like(in_rounds)
+    for part, form in ((~in_rounds, _one_pivot_steps), (in_rounds, _pivot_rounds)):
+        if part.any():
+            args = (x[part], valid[part], steps[part], groups[part], offsets[part], seed, tol, k)
+            if forced is not None:
+                args += (forced[part],)
+            pivots[part], kinv[part], rows[part] = form(*args)
+    return pivots, kinv, rows
+
+
+def _add_pivot(
+    x: Tensor, valid: Tensor, d: Tensor, kinv: Tensor, rows: Tensor, slot: Tensor, p: Tensor, dp: Tensor,
+    active: Tensor,
+) -> None:
+    """Make p (B,) the pivot of slot `slot` (B,) in the rows where `active`, with residual dp (B,)
+    at p: its kernel row, the bordering update of kinv and the residual update of every point
+    (§2.7). Updates d, kinv and rows in place; slots at or after `slot` must still be zero."""
+    if not active.any():
+        return
+    batch = torch.arange(x.shape[0], device=x.device)
+    used = int(slot[active].max()) + 1  # slots 0 … used - 1 take part
+    slot = slot.clamp(max=used - 1)  # in range for the rows that are not active, which change nothing
+    xp = x[batch, p]
+    dp = torch.where(active, dp, torch.ones_like(dp))
+    # R(l) = G(x_p, x_l) = exp(-|x_p - x_l|^2 / 2) from squared differences, as the ops do:
+    # x_p·x_l - s_p/2 - s_l/2 cancels for nearby points, and with tol = 0 the inverse of an
+    # ill-conditioned G_SS amplifies that (fuzzing found kinv off by 2e-5, relative)
+    row = torch.exp(-((x - xp[:, None, :]) ** 2).sum(-1) / 2) * valid
+    # bordering update of kinv = G_SS^-1: g = (kinv a, -1) / sqrt(d_p), kinv += g g^T, with
+    # a_m = R_m(p); rows and kinv are zero from `slot` on, so a and g are too
+    a = rows[batch, :used, p]
+    g = (kinv[:, :used, :used] @ a[:, :, None])[..., 0]
+    g[batch, slot] = -1.0
+    g = g / torch.sqrt(dp)[:, None] * active[:, None]
+    kinv[:, :used, :used] += g[:, :, None] * g[:, None, :]
+    rows[batch, slot] = torch.where(active[:, None], row, rows[batch, slot])
+    # residual: y is (minus) the new column of the Cholesky factor
+    y = (g[:, :, None] * rows[:, :used]).sum(1)
+    d[active] = torch.clamp(d[active] - y[active] ** 2, min=0.0)
+    d[batch[active], p[active]] = 0.0
+
+
+def _one_pivot_steps(x, valid, steps, groups, offsets, seed, tol, k, forced=None):
+    """§2.7: one pivot per step, sampled from the residual left by the step before (or forced).
+    Arguments and results as for :func:`_pivoted_cholesky`, k slots wide."""
+    B, n, _ = x.shape
     dev = x.device
+    s = (x * x).sum(-1)
+    d = valid.to(x.dtype)  # residual diagonal of the Gaussian kernel
     pivots = torch.zeros(B, k, dtype=torch.int64, device=dev)
+    kinv = x.new_zeros(B, k, k)
+    rows = x.new_zeros(B, k, n)
     active = torch.ones(B, dtype=torch.bool, device=dev)
     positions = offsets[:, None] + torch.arange(n, device=dev)
     batch = torch.arange(B, device=dev)
@@ -188,30 +258,63 @@ def _pivoted_cholesky(
             p = score.argmax(-1)
         p = torch.where(active, p, pivots[:, 0])
         pivots[:, i] = p
-        xp = x[batch, p]
-        sp = s[batch, p]
-        dp = torch.where(active, d[batch, p], torch.ones_like(sp))
-        # R_i(l) = G(x_p, x_l) = exp(-|x_p - x_l|^2 / 2) from squared differences, as the ops do:
-        # x_p·x_l - s_p/2 - s_l/2 cancels for nearby points, and with tol = 0 the inverse of an
-        # ill-conditioned G_SS amplifies that (fuzzing found kinv off by 2e-5, relative)
-        row = torch.exp(-((x - xp[:, None, :]) ** 2).sum(-1) / 2) * valid
-        # bordering update of kinv = G_SS^-1: g = (kinv a, -1) / sqrt(d_p), kinv += g g^T
-        a = rows[batch[:, None], torch.arange(i, device=dev)[None, :], p[:, None]]  # (B, i): R_j(p)
-        g = torch.cat([(kinv[:, :i, :i] @ a[:, :, None])[..., 0], -x.new_ones(B, 1)], 1)
-        g = g / torch.sqrt(dp)[:, None] * active[:, None]
-        kinv[:, : i + 1, : i + 1] += g[:, :, None] * g[:, None, :]
-        rows[:, i] = row * active[:, None]
-        # residual: y is (minus) the new column of the Cholesky factor
-        y = (g[:, :, None] * rows[:, : i + 1]).sum(1)
-        d = torch.where(active[:, None], torch.clamp(d - y * y, min=0.0), d)
-        d[batch[active], p[active]] = 0.0
+        _add_pivot(x, valid, d, kinv, rows, torch.full_like(p, i), p, d[batch, p], active)
+    return pivots, kinv, rows
+
+
+def _pivot_rounds(x, valid, steps, groups, offsets, seed, tol, k):
+    """§7: rounds of BLOCK_DRAWS draws from the residual at the round's start, each accepted with
+    probability (its residual now) / (its residual when drawn). Arguments and results as for
+    :func:`_pivoted_cholesky`, k slots wide.
+
+    Every accepted pivot updates the residual of every point at once, so the residual of a draw
+    given the pivots accepted so far is simply d at its index. The compiled ops keep the residuals
+    of the round's draws apart and sweep the points once per round, with the same formulas in the
+    same order (they differ only in rounding)."""
+    B, n, _ = x.shape
+    dev = x.device
+    s = (x * x).sum(-1)
+    d = valid.to(x.dtype)
+    pivots = torch.zeros(B, k, dtype=torch.int64, device=dev)
+    kinv = x.new_zeros(B, k, k)
+    rows = x.new_zeros(B, k, n)
+    count = torch.zeros(B, dtype=torch.int64, device=dev)
+    running = torch.ones(B, dtype=torch.bool, device=dev)
+    positions = offsets[:, None] + torch.arange(n, device=dev)
+    batch = torch.arange(B, device=dev)
+    draws = torch.arange(BLOCK_DRAWS, device=dev)
+    for t in itertools.count():
+        candidates = d > tol
+        running = running & (count < steps) & candidates.any(-1)  # else done, or early stop
+        if not running.any():
+            break
+        # every draw of the round at once, (B, draws, n): c_j = argmax(log d + s - log E_j)
+        draw = t * BLOCK_DRAWS + draws
+        noise = log_exponential_noise(seed, groups[:, None, None], _BLOCK_DRAW_STEP + draw[:, None],
+                                      positions[:, None, :], x.dtype)
+        score = torch.where(candidates[:, None, :], (torch.log(d) + s)[:, None, :] - noise, -math.inf)
+        drawn = score.argmax(-1)
+        drawn_from = d.gather(1, drawn)  # d^0_j
+        uniform = _open_uniform(seed, groups[:, None], _BLOCK_ACCEPT_STEP + draw, offsets[:, None], x.dtype)
+        for j in range(BLOCK_DRAWS):
+            p = drawn[:, j]
+            now = d[batch, p]
+            accept = running & (count < steps) & (now > tol) & (uniform[:, j] * drawn_from[:, j] < now)
+            slot = count.clamp(max=k - 1)
+            pivots[batch, slot] = torch.where(accept, p, pivots[batch, slot])
+            _add_pivot(x, valid, d, kinv, rows, count, p, now, accept)
+            count += accept
+    # unused slots repeat the first pivot
+    unused = torch.arange(k, device=dev) >= count[:, None]
+    pivots = torch.where(unused, pivots[:, :1], pivots)
     return pivots, kinv, rows
 
 
 def rp_nystrom(points: Tensor, rank: int, seed: int, tol: float = DEFAULT_TOL):
     """Randomly pivoted Cholesky on the Gaussian kernel G(x, y) = exp(-|x - y|^2 / 2) of `points`
     (..., N, E), sampling pivots proportionally to d_l exp(|x_l|^2), the residual diagonal of the
-    exponential kernel (§2.7). Group g of the random stream is the flattened leading index.
+    exponential kernel (§2.7; in rounds for r' > SEQUENTIAL_MAX_SLOTS, §7). Group g of the random
+    stream is the flattened leading index.
 
     Returns pivots (..., r') int64, kinv = G_SS^-1 (..., r', r') and rows = G(x_S, x) (..., r', N)
     with r' = min(rank, N); slots after an early stop repeat the first pivot and have zero rows

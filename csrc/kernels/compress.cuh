@@ -4,9 +4,10 @@
 // Five stages, none launched per pivot step and none with a host synchronisation:
 //   1. group_stats_partial / group_stats_finalize: key mean (double sums) and value bounds per
 //      group, two-level so that each group is read by many CTAs and the sums are deterministic;
-//   2. pivot_kernel: one CTA per (group, bin) runs all of the bin's pivot steps (the bordered
-//      algorithm of the CPU code, csrc/ops/cpu/pivoted_cholesky.h, with the same random stream,
-//      so the same seed picks the same pivots); the argmax is a block reduction;
+//   2. pivot_kernel: one CTA per (group, bin) of at most 16 slots runs all of the bin's pivot
+//      steps (the bordered algorithm of the CPU code, csrc/ops/cpu/pivoted_cholesky.h, with the
+//      same random stream, so the same seed picks the same pivots); the argmax is a block
+//      reduction. Bins of more slots choose their pivots in rounds (compress_block.cuh);
 //   3. weights_partial: Σ_l R(:, l) e^{(s_l - s_ref)/2} [v_l | 1] over chunks of points;
 //   4. finalize: sums the chunks in double, multiplies by G_SS^-1: each slot up to its factor;
 //   5. write_group: applies the factors, shifted per group where they would overflow.
@@ -17,6 +18,7 @@
 #include <cfloat>
 #include <cstdint>
 
+#include "block_pivoting.h"
 #include "common.h"
 #include "fastmath.h"
 #include "philox.h"
@@ -324,6 +326,7 @@ __global__ void __launch_bounds__(kThreads) pivot_kernel(PivotParams<scalar_t, T
   const int64_t slots = balanced_size(p.rank, p.num_bins, b);
   const int64_t start = balanced_start(valid, p.num_bins, b);
   const int64_t e = p.e;
+  if (uses_block_pivoting(slots)) return;  // block_pivot_kernel's bin (compress_block.cuh)
   if (length <= slots && !p.sample_all) {  // kept exactly (§2.4): nothing to sample
     if (threadIdx.x == 0) p.counts[gb] = -1;
     return;
@@ -478,12 +481,29 @@ struct WeightsParams {
 };
 
 // Σ_{l in chunk} R_j(l) e^{(s_l - s_ref)/2} [v_l | 1] for every pivot j of the bin; one CTA per
-// (bin, chunk), threads over (j, column) with the chunk's scale factors staged in shared memory.
-// Accumulated in double: G_SS^-1 amplifies the rounding of these sums (benchmarks/NOTES.md).
+// (bin, chunk). Accumulated in double: G_SS^-1 amplifies the rounding of these sums
+// (benchmarks/NOTES.md). A product over points, tiled like a matrix product: the chunk is walked
+// in pieces of kWeightsSub points whose factors c_j(l) = R_j(l) e^{(s_l - s_ref)/2} (a block of
+// kWeightsRows pivots) and values (a block of columns) are staged in shared memory, and each
+// thread accumulates 4 pivots × kWeightsCols columns in registers, so every shared load feeds
+// several DFMA. Each sum runs over the chunk's points in order.
+constexpr int kWeightsSub = 32;    // points staged at once
+constexpr int kWeightsRows = 64;   // pivots per block: 16 row groups of 4
+constexpr int kWeightsCols = 5;    // columns per thread: 16 column groups, so 80 per block
+
+template <typename scalar_t>
+__host__ __device__ inline size_t weights_smem_bytes(int64_t chunk) {
+  return sizeof(double) * (chunk + kWeightsSub * kWeightsRows + kWeightsSub * 16 * kWeightsCols);
+}
+
 template <typename scalar_t, typename T, int kThreads>
 __global__ void __launch_bounds__(kThreads) weights_partial_kernel(WeightsParams<scalar_t, T> p) {
+  static_assert(kThreads == 256, "16 row groups x 16 column groups");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   double* point_scale = reinterpret_cast<double*>(smem_raw);
+  double* factors = point_scale + p.chunk;              // [kWeightsRows][kWeightsSub]
+  double* vals = factors + kWeightsSub * kWeightsRows;  // [kWeightsSub][16 * kWeightsCols]
+  constexpr int kBlockCols = 16 * kWeightsCols;
   const int64_t gb = blockIdx.x, chunk = blockIdx.y;
   const int64_t g = gb / p.num_bins, b = gb % p.num_bins;
   const int64_t k = p.counts[gb];
@@ -495,26 +515,55 @@ __global__ void __launch_bounds__(kThreads) weights_partial_kernel(WeightsParams
   if (first >= length) return;
   const int64_t len = first + p.chunk < length ? p.chunk : length - first;
   const double s_ref = p.max_sq_norm[gb];
-  for (int64_t l = threadIdx.x; l < len; l += kThreads) {
+  const int tid = threadIdx.x, row_group = tid / 16, col_group = tid % 16;
+  for (int64_t l = tid; l < len; l += kThreads) {
     point_scale[l] = exp((p.sq_norm[gb * p.length_max + first + l] - s_ref) / 2);
   }
-  __syncthreads();
   const int64_t cols = p.dv + 1;
   const scalar_t* values = p.values + (g * p.n + start + first) * p.dv;
   const T* rows = p.rows + gb * p.slots_max * p.length_max + first;
   double* out = p.partial + (gb * p.chunks_max + chunk) * p.slots_max * cols;
-  for (int64_t o = threadIdx.x; o < k * cols; o += kThreads) {
-    const int64_t j = o / cols, col = o % cols;
-    const T* rj = rows + j * p.length_max;
-    double acc = 0;
-    if (col < p.dv) {
-      for (int64_t l = 0; l < len; ++l) {
-        acc += static_cast<double>(rj[l]) * point_scale[l] * static_cast<double>(to_acc(values[l * p.dv + col]));
+  for (int64_t j0 = 0; j0 < k; j0 += kWeightsRows) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kBlockCols) {
+      double acc[4][kWeightsCols] = {};
+      for (int64_t l0 = 0; l0 < len; l0 += kWeightsSub) {
+        const int64_t sub = len - l0 < kWeightsSub ? len - l0 : kWeightsSub;
+        __syncthreads();  // point_scale is written; the previous piece is consumed
+        for (int idx = tid; idx < kWeightsSub * kWeightsRows; idx += kThreads) {
+          const int64_t j = idx / kWeightsSub, l = idx % kWeightsSub;  // consecutive points: coalesced
+          factors[j * kWeightsSub + l] = j0 + j < k && l < sub
+              ? static_cast<double>(rows[(j0 + j) * p.length_max + l0 + l]) * point_scale[l0 + l] : 0.0;
+        }
+        for (int idx = tid; idx < kWeightsSub * kBlockCols; idx += kThreads) {
+          const int64_t l = idx / kBlockCols, c = idx % kBlockCols, col = c0 + c;
+          double v = 0;
+          if (l < sub && col < cols) v = col < p.dv ? static_cast<double>(to_acc(values[(l0 + l) * p.dv + col])) : 1.0;
+          vals[idx] = v;
+        }
+        __syncthreads();
+        for (int l = 0; l < sub; ++l) {
+          double f[4], x[kWeightsCols];
+#pragma unroll
+          for (int u = 0; u < 4; ++u) f[u] = factors[(row_group + 16 * u) * kWeightsSub + l];
+#pragma unroll
+          for (int w = 0; w < kWeightsCols; ++w) x[w] = vals[l * kBlockCols + col_group + 16 * w];
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+#pragma unroll
+            for (int w = 0; w < kWeightsCols; ++w) acc[u][w] += f[u] * x[w];
+          }
+        }
       }
-    } else {
-      for (int64_t l = 0; l < len; ++l) acc += static_cast<double>(rj[l]) * point_scale[l];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int64_t j = j0 + row_group + 16 * u;
+#pragma unroll
+        for (int w = 0; w < kWeightsCols; ++w) {
+          const int64_t col = c0 + col_group + 16 * w;
+          if (j < k && col < cols) out[j * cols + col] = acc[u][w];
+        }
+      }
     }
-    out[o] = acc;
   }
 }
 

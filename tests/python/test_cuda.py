@@ -27,7 +27,10 @@ def to(device, *tensors):
      # the resident path with bins split over clusters: 8 CTAs of 512 points (two per thread) and
      # two blocks of 8 slots; E = 128 over 5 CTAs, the last one shorter; 10 CTAs of four points per
      # thread (a non-portable cluster size)
-     (8192, 32, 2, 64, 64), (5000, 24, 2, 128, 128), (20000, 8, 2, 64, 64)],
+     (8192, 32, 2, 64, 64), (5000, 24, 2, 128, 128), (20000, 8, 2, 64, 64),
+     # block pivoting (bins of more than 16 slots): 128 slots (older rows staged in two passes),
+     # and bins of 17 and 16 slots in one call (both pivot kernels)
+     (6000, 128, 1, 64, 64), (3000, 33, 2, 96, 32)],
 )
 def test_compress_picks_the_cpu_pivots(dtype, n, rank, bins, e, dv):
     """Same seed, same pivots as the CPU code in at least 99% of groups; equal pivots give equal
@@ -65,6 +68,32 @@ def test_compress_with_lengths_picks_the_cpu_pivots(e):
     assert_same_compression(gpu, cpu)
 
 
+@pytest.mark.parametrize("e", [64, 128])
+def test_block_pivoting_over_a_cluster_picks_the_cpu_pivots(e):
+    """Few groups of long bins: each bin's rounds run on a cluster of 8 CTAs, with key padding that
+    ends inside a CTA's points, leaves CTAs without points, or a bin with fewer keys than slots."""
+    groups, n, rank = 6, 30000, 64
+    k, v = randn(groups, n, e, dtype=torch.bfloat16), randn(groups, n, e, dtype=torch.bfloat16)
+    lengths = torch.tensor([n, 29999, 20001, 3001, 64, 40])
+    q_norm = torch.rand(groups) * 4 + 6
+    cpu = wildcat.ops.compress_kv(k, v, rank, 1, None, q_norm, 8, lengths=lengths)
+    gpu = wildcat.ops.compress_kv(*to("cuda", k, v), rank, 1, None, q_norm.cuda(), 8, lengths=lengths.cuda())
+    assert_same_compression(gpu, cpu)
+
+
+def test_block_pivoting_stops_early_on_duplicate_keys():
+    """Five distinct keys repeated: the rounds stop once every residual is below tol, as on the CPU."""
+    base = randn(2, 5, 64)
+    k = base[:, torch.arange(3000) % 5].contiguous()
+    v = randn(2, 3000, 64)
+    cpu = wildcat.ops.compress_kv(k, v, 40, 1, None, None, 3)
+    gpu = wildcat.ops.compress_kv(*to("cuda", k, v), 40, 1, None, None, 3)
+    assert torch.equal(gpu.core_indices.cpu(), cpu.core_indices)
+    weights = gpu.core_weights.cpu()
+    assert torch.isfinite(weights).all() and ((weights != 0).sum(-1) <= 5).all()
+    torch.testing.assert_close(weights, cpu.core_weights, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype,e,dv,path", [
     (torch.bfloat16, 64, 64, "resident_bin_kernel"), (torch.float16, 128, 128, "resident_bin_kernel"),
     (torch.float32, 64, 64, "pivot_kernel"), (torch.bfloat16, 64, 32, "pivot_kernel")])
@@ -79,6 +108,16 @@ def test_compress_takes_the_resident_path_where_it_applies(dtype, e, dv, path):
     assert any(path in name for name in names), sorted(set(names))
     other = "pivot_kernel" if path == "resident_bin_kernel" else "resident_bin_kernel"
     assert not any(other in name for name in names), sorted(set(names))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_bins_of_more_than_16_slots_take_block_pivoting(dtype):
+    k, v = randn(4, 3000, 64, dtype=dtype).cuda(), randn(4, 3000, 64, dtype=dtype).cuda()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        wildcat.ops.compress_kv(k, v, 34, 2, None, None, 1)
+        torch.cuda.synchronize()
+    names = {event.name.split("<")[0].split("(")[0].split("::")[-1] for event in prof.events()}
+    assert "block_pivot_kernel" in names and "pivot_kernel" not in names, sorted(names)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -222,10 +261,12 @@ def test_float64_matches_the_oracle():
     torch.testing.assert_close(got, ref.wildcat_attention(q, k, v, 40, 4, seed=3), atol=1e-10, rtol=0)
 
 
-def test_rp_nystrom_matches_cpu():
+@pytest.mark.parametrize("rank", [12, 24, 100])
+def test_rp_nystrom_matches_cpu(rank):
+    """One pivot per step (12) and block pivoting (24; 100 in four rounds or more)."""
     x = randn(8, 300, 16) * 0.4
-    cpu = wildcat.ops.rp_nystrom(x, 24, seed=5)
-    gpu = [t.cpu() for t in wildcat.ops.rp_nystrom(x.cuda(), 24, seed=5)]
+    cpu = wildcat.ops.rp_nystrom(x, rank, seed=5)
+    gpu = [t.cpu() for t in wildcat.ops.rp_nystrom(x.cuda(), rank, seed=5)]
     assert torch.equal(gpu[0], cpu[0])
     torch.testing.assert_close(gpu[1], cpu[1], atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(gpu[2], cpu[2], atol=1e-6, rtol=0)

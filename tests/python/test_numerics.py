@@ -35,7 +35,9 @@ def assert_same_coreset(got, want, atol):
         ((2, 3), 1, 32, 32, 4, 1),       # a single key
         ((2, 3), 97, 32, 16, 16, 3),     # odd length, E != D, uneven bins
         ((1, 2), 1025, 64, 64, 64, 4),
-        ((3,), 300, 128, 64, 32, 1),
+        ((3,), 300, 128, 64, 32, 1),     # 32 slots: pivots in rounds (§7)
+        ((2,), 400, 64, 16, 64, 1),      # 64 slots in rounds
+        ((2,), 300, 16, 8, 33, 2),       # one bin in rounds (17 slots), one a pivot per step (16)
         ((), 50, 16, 8, 10, 1),          # a single group, no leading dims
         ((2, 2), 64, 32, 32, 64, 4),     # r = N: every bin exact
         ((2, 2), 11, 8, 8, 10, 5),       # some bins exact (n_b = r_b), one compressed
@@ -65,10 +67,11 @@ def test_float64_attention_matches_oracle_for_the_same_seed():
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
 
 
-def test_float64_rp_nystrom_matches_oracle():
+@pytest.mark.parametrize("rank", [12, 20, 64])  # one pivot per step; in rounds (§7)
+def test_float64_rp_nystrom_matches_oracle(rank):
     x = randn(2, 3, 90, 6, dtype=torch.float64) * 0.7
-    got = wildcat.ops.rp_nystrom(x, 20, seed=5)
-    want = ref.rp_nystrom(x, 20, seed=5)
+    got = wildcat.ops.rp_nystrom(x, rank, seed=5)
+    want = ref.rp_nystrom(x, rank, seed=5)
     assert torch.equal(got[0], want[0])
     torch.testing.assert_close(got[1], want[1], atol=1e-9, rtol=1e-10)
     torch.testing.assert_close(got[2], want[2], atol=1e-12, rtol=0)
@@ -152,6 +155,71 @@ def test_degenerate_keys_stop_early_and_stay_finite(dtype):
     # three distinct keys are represented exactly: the result is exact attention
     exact = ref.exact_attention(q.double(), k.double(), v.double())
     torch.testing.assert_close(out.double(), exact, atol=1e-5 if dtype == torch.float32 else 1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_block_pivoting_stops_early_on_duplicate_keys(dtype):
+    """8 distinct keys, each repeated, and 32 slots: the rounds accept each key once (a draw of a
+    key already represented has residual 0 and is rejected), then stop; in float64 exactly as the
+    oracle does (float32 logarithms differ from torch's, so only the float64 pivots must match)."""
+    key_of = torch.randperm(200) % 8
+    keys = randn(8, 16, dtype=torch.float64)[key_of].to(dtype)
+    pivots, kinv, rows = wildcat.ops.rp_nystrom(keys, 32, seed=3)
+    count = int((kinv != 0).any(-1).sum())
+    assert count == 8 and len(set(key_of[pivots[:count]].tolist())) == 8  # one pivot per key
+    assert torch.all(pivots[count:] == pivots[0])  # unused slots repeat the first pivot
+    assert torch.isfinite(kinv).all() and torch.isfinite(rows).all()
+
+    k, v = keys.reshape(1, 1, 200, 16), randn(1, 1, 200, 8, dtype=dtype)
+    q_norm = torch.full((1, 1), 4.0, dtype=dtype)
+    got, want = compress_both(k, v, 32, 1, q_norm, seed=3)
+    assert int((got.core_weights != 0).sum()) == 8
+    assert torch.isfinite(got.core_values).all() and torch.isfinite(got.core_weights).all()
+    if dtype == torch.float64:
+        oracle = ref.rp_nystrom(keys, 32, seed=3)
+        assert torch.equal(pivots, oracle[0])
+        torch.testing.assert_close(kinv, oracle[1], atol=1e-10, rtol=0)
+        assert_same_coreset(got, want, atol=1e-10)
+
+
+def test_block_pivoting_second_pivot_follows_the_exact_law():
+    """The second pivot of a bin in rounds (17 slots), over 20,000 seeds, against its exact law
+    P(p_1 = b) = Σ_a π(a) d_a(b) e^{s_b} / Σ_l d_a(l) e^{s_l}, with π(a) ∝ e^{s_a} the law of the
+    first pivot and d_a(l) = 1 - G(x_a, x_l)^2 the residual it leaves. Accepting every draw would
+    instead give the second pivot ∝ e^{s_b} over b != a: chi-square about 600 here."""
+    gen = torch.Generator().manual_seed(1)
+    norms = torch.linspace(0.2, 1.2, 24, dtype=torch.float64)[:, None]
+    x = torch.randn(24, 3, dtype=torch.float64, generator=gen) * norms
+    s = (x * x).sum(-1)
+    residual = 1 - torch.exp(-torch.cdist(x, x) ** 2)  # d_a(l), row a
+    weight = residual * torch.exp(s)
+    law = (torch.softmax(s, 0)[:, None] * weight / weight.sum(1, keepdim=True)).sum(0)
+    trials = 20000
+    counts = torch.zeros(24, dtype=torch.float64)
+    for seed in range(trials):
+        counts[wildcat.ops.rp_nystrom(x, 17, seed=seed)[0][1]] += 1
+    expected = trials * law  # at least 32 per point
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 55, chi2  # 23 degrees of freedom: P(chi2 > 55) = 2e-4
+
+
+def test_block_and_one_step_pivoting_include_points_alike():
+    """The two forms give the same law of coresets (§7): how often each point is among the first
+    16 pivots, with 17 slots (rounds) and with 16 (one pivot per step), over 6,000 seeds each."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 3, dtype=torch.float64, generator=gen) * 0.8
+    trials = 6000
+
+    def inclusion(rank):
+        counts = torch.zeros(40, dtype=torch.float64)
+        for seed in range(trials):
+            counts[wildcat.ops.rp_nystrom(x, rank, seed=seed)[0][:16]] += 1
+        return counts / trials
+
+    rounds, steps = inclusion(17), inclusion(16)
+    pooled = (rounds + steps) / 2
+    sigma = torch.sqrt(2 * pooled * (1 - pooled) / trials)
+    assert torch.all((rounds - steps).abs() <= 4.5 * sigma), ((rounds - steps) / sigma).abs().max()
 
 
 def test_all_equal_keys_and_zero_queries_give_the_mean():

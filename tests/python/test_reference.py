@@ -27,18 +27,30 @@ def test_lambert_w0_inverts_w_exp_w():
     torch.testing.assert_close(w * torch.exp(w), z, rtol=1e-13, atol=0)
 
 
-def test_kinv_is_the_inverse_and_rows_are_kernel_rows():
+@pytest.mark.parametrize("rank", [12, 40])  # one pivot per step; in rounds (§7)
+def test_kinv_is_the_inverse_and_rows_are_kernel_rows(rank):
     x = torch.randn(3, 60, 5, dtype=torch.float64)
-    pivots, kinv, rows = ref.rp_nystrom(x, 12, seed=4)
+    pivots, kinv, rows = ref.rp_nystrom(x, rank, seed=4)
     gram = torch.exp(-torch.cdist(x, x) ** 2 / 2)
     batch = torch.arange(3)[:, None]
+    eye = torch.eye(rank, dtype=torch.float64).expand(3, -1, -1)
     g_ss = gram[batch[:, :, None], pivots[:, :, None], pivots[:, None, :]]
-    torch.testing.assert_close(kinv @ g_ss, torch.eye(12, dtype=torch.float64).expand(3, -1, -1), atol=1e-12, rtol=0)
+    torch.testing.assert_close(kinv @ g_ss, eye, atol=1e-12, rtol=0)
     torch.testing.assert_close(rows, gram[batch, pivots], atol=1e-14, rtol=0)
-    assert all(len(set(p.tolist())) == 12 for p in pivots)
+    assert all(len(set(p.tolist())) == rank for p in pivots)
     # Nyström interpolates at the pivots: W_G[:, pivots] = I
-    interp = (kinv @ rows)[batch[:, :, None], torch.arange(12)[None, :, None], pivots[:, None, :]]
-    torch.testing.assert_close(interp, torch.eye(12, dtype=torch.float64).expand(3, -1, -1), atol=1e-10, rtol=0)
+    interp = (kinv @ rows)[batch[:, :, None], torch.arange(rank)[None, :, None], pivots[:, None, :]]
+    torch.testing.assert_close(interp, eye, atol=1e-10, rtol=0)
+
+
+def test_block_pivoting_starts_above_sixteen_slots():
+    """Within each form the pivots of a smaller rank are those of a larger one cut short (the same
+    stream, stopped sooner), so the form of ranks 16 and 17 shows in whether they share a prefix."""
+    x = torch.randn(4, 80, 3, dtype=torch.float64)
+    pivots = {rank: ref.rp_nystrom(x, rank, seed=9)[0] for rank in (10, 16, 17, 40)}
+    assert torch.equal(pivots[16][:, :10], pivots[10])  # one pivot per step
+    assert torch.equal(pivots[40][:, :17], pivots[17])  # rounds
+    assert not torch.equal(pivots[17][:, :16], pivots[16])
 
 
 def test_first_pivot_is_sampled_proportionally_to_exp_sq_norm():

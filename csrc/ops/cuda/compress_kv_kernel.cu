@@ -10,6 +10,7 @@
 #include <limits>
 #include <tuple>
 
+#include "../../kernels/compress_block.cuh"
 #include "../../kernels/compress_resident.cuh"
 #include "../checks.h"
 #include "../outputs.h"
@@ -20,6 +21,8 @@ namespace cuda {
 namespace {
 
 constexpr int kPivotThreads = 512;
+constexpr int kBlockPivotThreads = 256;  // up to 255 registers: a sweep holds 64 per-pivot values
+constexpr int64_t kBlockMinPoints = 2048;  // points per CTA below which a bin gets no more CTAs
 constexpr int kWeightsThreads = 256;
 constexpr int kFinalizeThreads = 256;
 constexpr int64_t kWeightsChunk = 1024;  // points per CTA of the weighted sums
@@ -97,6 +100,97 @@ void launch_pivots(const at::Tensor& points, const float* key_mean, const T* que
   allow_shared_memory(kernel, smem);
   kernel<<<groups * num_bins, kPivotThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Block pivoting (compress_block.cuh) for the bins of more than 16 slots: a cluster of CTAs per
+// bin where the bins alone leave SMs idle (at most the portable 8, at least kBlockMinPoints points
+// per CTA), one CTA per bin otherwise or before sm_90.
+template <typename scalar_t, typename T>
+void launch_block_pivots(const at::Tensor& points, const float* key_mean, const T* query_norm,
+                         const int64_t* lengths, int64_t groups, int64_t n, int64_t e, int64_t num_bins, int64_t rank,
+                         double beta, kernels::TauMode tau, double tol, kernels::SeedRef seed, bool sample_all,
+                         PivotWorkspace<T>& ws, cudaStream_t stream) {
+  using cuda_t = typename CudaType<scalar_t>::type;
+  const int64_t bins_total = groups * num_bins;
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  int64_t cluster = 1;
+  if (props->major >= 9) {
+    cluster = std::clamp<int64_t>(props->multiProcessorCount / bins_total, 1, 8);
+    cluster = std::min<int64_t>(cluster, std::max<int64_t>(1, ws.length_max / kBlockMinPoints));
+  }
+  // the leader keeps the older kernel rows at the round's draws in the shared memory left over
+  const size_t fixed = kernels::block_layout<T>(e, ws.slots_max, 0, kBlockPivotThreads).bytes;
+  TORCH_CHECK(fixed <= max_shared_memory(), "wildcat: block pivoting needs ", fixed,
+              " bytes of shared memory for E = ", e, " and ", ws.slots_max, " slots per bin; the device has ",
+              max_shared_memory());
+  const size_t per_row = sizeof(T) * kernels::kBlockDraws;
+  const int cached_rows = static_cast<int>(std::min<int64_t>(ws.slots_max, (max_shared_memory() - fixed) / per_row));
+  const size_t smem = kernels::block_layout<T>(e, ws.slots_max, cached_rows, kBlockPivotThreads).bytes;
+
+  at::Tensor keys_t = at::empty({bins_total, e, ws.length_max}, points.options());
+  at::Tensor g_table = at::empty({bins_total, ws.slots_max, ws.slots_max}, ws.kinv.options());
+  kernels::BlockPivotParams<cuda_t, T> p{};
+  p.points = device_ptr<scalar_t>(points);
+  p.key_mean = key_mean;
+  p.query_norm = query_norm;
+  p.lengths = lengths;
+  p.n = n;
+  p.e = e;
+  p.num_bins = num_bins;
+  p.rank = rank;
+  p.slots_max = ws.slots_max;
+  p.length_max = ws.length_max;
+  p.cluster = static_cast<int>(cluster);
+  p.cached_rows = cached_rows;
+  p.beta = beta;
+  p.tau = tau;
+  p.tol = static_cast<T>(tol);
+  p.seed = seed;
+  p.sample_all = sample_all;
+  p.keys_t = reinterpret_cast<cuda_t*>(keys_t.mutable_data_ptr<scalar_t>());
+  p.residual = ws.residual.template mutable_data_ptr<T>();
+  p.sq_norm = ws.sq_norm.template mutable_data_ptr<double>();
+  p.rows = ws.rows.template mutable_data_ptr<T>();
+  p.kinv = ws.kinv.template mutable_data_ptr<double>();
+  p.g_table = g_table.mutable_data_ptr<double>();
+  p.pivots = ws.pivots.template mutable_data_ptr<int64_t>();
+  p.counts = ws.counts.template mutable_data_ptr<int32_t>();
+  p.max_sq_norm = ws.max_sq_norm.template mutable_data_ptr<double>();
+  auto kernel = kernels::block_pivot_kernel<cuda_t, T, kBlockPivotThreads>;
+  allow_shared_memory(kernel, smem);
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(bins_total * cluster));
+  config.blockDim = dim3(kBlockPivotThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute{};
+  if (cluster > 1) {
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = static_cast<unsigned>(cluster);
+    attribute.val.clusterDim.y = 1;
+    attribute.val.clusterDim.z = 1;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+  }
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+}
+
+// The pivots of every sampled bin: the one-step kernel for bins of at most 16 slots, block
+// pivoting for the others (each kernel skips the other's bins; balanced slot counts differ by one,
+// so a call can have both).
+template <typename scalar_t, typename T>
+void launch_pivot_forms(const at::Tensor& points, const float* key_mean, const T* query_norm, const int64_t* lengths,
+                        int64_t groups, int64_t n, int64_t e, int64_t num_bins, int64_t rank, double beta,
+                        kernels::TauMode tau, double tol, kernels::SeedRef seed, bool sample_all, PivotWorkspace<T>& ws,
+                        cudaStream_t stream) {
+  if (!kernels::uses_block_pivoting(rank / num_bins)) {
+    launch_pivots<scalar_t, T>(points, key_mean, query_norm, lengths, groups, n, e, num_bins, rank, beta, tau, tol, seed,
+                               sample_all, ws, stream);
+  }
+  if (kernels::uses_block_pivoting(ws.slots_max)) {
+    launch_block_pivots<scalar_t, T>(points, key_mean, query_norm, lengths, groups, n, e, num_bins, rank, beta, tau, tol,
+                                     seed, sample_all, ws, stream);
+  }
 }
 
 // The resident path (compress_resident.cuh): its CTAs per bin and points per CTA, or cluster = 0
@@ -289,14 +383,15 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
       });
     }
   } else if (any_sampled) {
-    launch_pivots<scalar_t, T>(keys, key_mean.const_data_ptr<float>(), qn ? qn->const_data_ptr<T>() : nullptr,
-                               lengths, groups, n, e, num_bins, rank, beta, tau, tol, seed, false, ws, stream);
+    launch_pivot_forms<scalar_t, T>(keys, key_mean.const_data_ptr<float>(), qn ? qn->const_data_ptr<T>() : nullptr,
+                                    lengths, groups, n, e, num_bins, rank, beta, tau, tol, seed, false, ws, stream);
     kernels::WeightsParams<cuda_t, T> wp{device_ptr<scalar_t>(values), ws.rows.template const_data_ptr<T>(),
                                          ws.sq_norm.template const_data_ptr<double>(), ws.max_sq_norm.template const_data_ptr<double>(),
                                          ws.counts.template const_data_ptr<int32_t>(), lengths, n, dv, num_bins, ws.slots_max,
                                          ws.length_max, kWeightsChunk, chunks_max, partial.mutable_data_ptr<double>()};
     kernels::weights_partial_kernel<cuda_t, T, kWeightsThreads>
-        <<<dim3(groups * num_bins, chunks_max), kWeightsThreads, kWeightsChunk * sizeof(double), stream>>>(wp);
+        <<<dim3(groups * num_bins, chunks_max), kWeightsThreads, kernels::weights_smem_bytes<cuda_t>(kWeightsChunk),
+           stream>>>(wp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     ws.counts.fill_(-1);
@@ -370,8 +465,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rp_nystrom_cuda(const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, points.scalar_type(), "wildcat_rp_nystrom_cuda", [&] {
     using T = typename CudaType<scalar_t>::acc;
     PivotWorkspace<T> ws(points.options(), groups, kept, n, 1, /*zero_rows=*/true);
-    launch_pivots<scalar_t, T>(x, nullptr, nullptr, nullptr, groups, n, e, 1, kept, 1.0, kernels::TauMode::kLambert, tol,
-                               seed_ref(seed), /*sample_all=*/true, ws, at::cuda::getCurrentCUDAStream());
+    launch_pivot_forms<scalar_t, T>(x, nullptr, nullptr, nullptr, groups, n, e, 1, kept, 1.0, kernels::TauMode::kLambert,
+                                    tol, seed_ref(seed), /*sample_all=*/true, ws, at::cuda::getCurrentCUDAStream());
     pivots = ws.pivots;
     kinv = ws.kinv.to(acc);
     rows = ws.rows;
