@@ -38,6 +38,8 @@ struct BlockPivotParams {
   int64_t n, e, num_bins, rank, slots_max, length_max;
   int cluster;                // CTAs per bin
   int cached_rows;            // older kernel rows at the draws kept in shared memory by the leader
+  bool round_in_smem;         // the round's L_old R and g vectors in shared memory, else round_ws
+  double* round_ws;           // (G*C, 2, kBlockDraws, slots_max)
   double beta;
   TauMode tau;
   T tol;
@@ -45,9 +47,10 @@ struct BlockPivotParams {
   bool sample_all;            // rp_nystrom: sample even when rank >= length
   scalar_t* keys_t;           // (G*C, E, length_max): the bin's keys transposed
   T* residual;                // (G*C, length_max)
+  T* score_base;              // (G*C, length_max): log d + s of the round's draws
   double* sq_norm;            // (G*C, length_max)
   T* rows;                    // (G*C, slots_max, length_max)
-  double* kinv;               // (G*C, slots_max, slots_max): written for every slot pair
+  double* kinv;               // (G*C, slots_max, slots_max), zero-initialised
   double* g_table;            // (G*C, slots_max, slots_max): row i holds slot i's g_0 … g_i
   int64_t* pivots;            // (G*C, slots_max)
   int32_t* counts;            // (G*C)
@@ -75,13 +78,14 @@ struct BlockRoundState {
 // Shared memory offsets (bytes, 16-byte aligned); the same on every CTA of a cluster.
 struct BlockLayout {
   size_t draws, warp_draws, state, stats, mean, coords, g_new, g_old, fresh_pivots, draw_index, draw_start,
-      draw_residual, draw_uniform, slot_draw, draw_kernel, a, g, t, cached, bytes;
+      draw_residual, draw_uniform, slot_draw, draw_kernel, a, g, t, round, cached, bytes;
 };
 
 __host__ __device__ inline size_t block_align16(size_t x) { return (x + 15) / 16 * 16; }
 
 template <typename T>
-__host__ __device__ inline BlockLayout block_layout(int64_t e, int64_t slots_max, int cached_rows, int threads) {
+__host__ __device__ inline BlockLayout block_layout(int64_t e, int64_t slots_max, bool round_in_smem, int cached_rows,
+                                                    int threads) {
   constexpr int B = kBlockDraws;
   BlockLayout l{};
   size_t at = 0;
@@ -107,14 +111,15 @@ __host__ __device__ inline BlockLayout block_layout(int64_t e, int64_t slots_max
   l.draw_kernel = take(sizeof(T) * B * B);
   l.a = take(sizeof(double) * (slots_max + 1));
   l.g = take(sizeof(double) * (slots_max + 1));
-  l.t = take(sizeof(double) * (slots_max + 1));
+  l.t = take(sizeof(double) * B);
+  l.round = take(round_in_smem ? sizeof(double) * 2 * B * slots_max : 0);
   l.cached = take(sizeof(T) * static_cast<size_t>(cached_rows) * B);
   l.bytes = at;
   return l;
 }
 
 template <typename scalar_t, typename T, int kThreads>
-__global__ void __launch_bounds__(kThreads) block_pivot_kernel(BlockPivotParams<scalar_t, T> p) {
+__global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_kernel(BlockPivotParams<scalar_t, T> p) {
   constexpr int B = kBlockDraws;
   constexpr int kWarps = kThreads / 32;
   const int ranks = p.cluster;
@@ -162,7 +167,7 @@ __global__ void __launch_bounds__(kThreads) block_pivot_kernel(BlockPivotParams<
   const int64_t hi = hi_raw > length ? length : (hi_raw < lo ? lo : hi_raw);
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const BlockLayout lay = block_layout<T>(e, smax, p.cached_rows, kThreads);
+  const BlockLayout lay = block_layout<T>(e, smax, p.round_in_smem, p.cached_rows, kThreads);
   BlockDraw<T>* draws = reinterpret_cast<BlockDraw<T>*>(smem_raw + lay.draws);
   BlockDraw<T>* warp_draws = reinterpret_cast<BlockDraw<T>*>(smem_raw + lay.warp_draws);
   BlockRoundState* state = reinterpret_cast<BlockRoundState*>(smem_raw + lay.state);
@@ -181,11 +186,17 @@ __global__ void __launch_bounds__(kThreads) block_pivot_kernel(BlockPivotParams<
   double* a_d = reinterpret_cast<double*>(smem_raw + lay.a);
   double* g_d = reinterpret_cast<double*>(smem_raw + lay.g);
   double* t_d = reinterpret_cast<double*>(smem_raw + lay.t);
+  // the leader's per-round matrices: old_r[j][c] = (L_old R_old(:, c_j))_c and fresh_g[q][c], g of
+  // the round's q-th pivot
+  double* old_r = p.round_in_smem ? reinterpret_cast<double*>(smem_raw + lay.round)
+                                  : p.round_ws + (blockIdx.x / ranks) * 2 * B * p.slots_max;
+  double* fresh_g = old_r + B * p.slots_max;
   T* row_cache = reinterpret_cast<T*>(smem_raw + lay.cached);
 
   const scalar_t* keys = p.points + (g * p.n + start) * e;
   scalar_t* keys_t = p.keys_t + gb * e * lmax;
   T* residual = p.residual + gb * lmax;
+  T* score_base = p.score_base + gb * lmax;
   double* sq_norm = p.sq_norm + gb * lmax;
   T* rows = p.rows + gb * smax * lmax;
   double* kinv = p.kinv + gb * smax * smax;
@@ -198,12 +209,24 @@ __global__ void __launch_bounds__(kThreads) block_pivot_kernel(BlockPivotParams<
   // This CTA's keys transposed (E × length_max): the sweeps read consecutive points from
   // consecutive threads. Tiles of 32 points through shared memory (`coords` holds 32 × E) keep
   // both the reads and the writes coalesced.
+  constexpr int kBatch = 8;  // global loads issued together (each waits ~1 µs)
   scalar_t* tile = reinterpret_cast<scalar_t*>(coords);  // sizeof(scalar_t) <= sizeof(T)
   for (int64_t base = lo; base < hi; base += B) {
     const int64_t count = hi - base < B ? hi - base : B;
     __syncthreads();
-    for (int64_t idx = tid; idx < count * e; idx += kThreads) {  // rows padded to e + 1: no bank conflicts
-      tile[(idx / e) * (e + 1) + idx % e] = keys[base * e + idx];
+    // rows padded to e + 1 (no bank conflicts); kBatch loads in flight per thread
+    for (int64_t idx0 = tid; idx0 < count * e; idx0 += kBatch * kThreads) {
+      scalar_t v[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int64_t idx = idx0 + u * kThreads;
+        if (idx < count * e) v[u] = keys[base * e + idx];
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int64_t idx = idx0 + u * kThreads;
+        if (idx < count * e) tile[(idx / e) * (e + 1) + idx % e] = v[u];
+      }
     }
     __syncthreads();
     for (int64_t idx = tid; idx < count * e; idx += kThreads) {
@@ -264,7 +287,6 @@ __global__ void __launch_bounds__(kThreads) block_pivot_kernel(BlockPivotParams<
   __syncthreads();
 
   // ---- sweep: rows and residual updates of the pivots [first, first + fresh) ----
-  constexpr int kBatch = 8;  // global loads issued together in a sweep (each waits ~1 µs)
   const auto sweep = [&](int first, int fresh) {
     for (int i = tid; i < fresh; i += kThreads) fresh_pivots[i] = __ldcg(pivots + first + i);
     __syncthreads();
@@ -377,46 +399,45 @@ __global__ void __launch_bounds__(kThreads) block_pivot_kernel(BlockPivotParams<
 
   // ---- draws: this CTA's 32 candidates of round `round` ----
   const auto draw = [&](int64_t round) {
-    BlockDraw<T> best[B];
+    // each point's log d + s (-inf at or below tol), once per round
+    for (int64_t l = lo + tid; l < hi; l += kThreads) {
+      const T d = residual[l];
+      score_base[l] = d > p.tol ? vlog(d) + static_cast<T>(sq_norm[l]) : T(-INFINITY);
+    }
+    __syncthreads();
+    // One draw at a time over this thread's quads (a running best per draw would hold 64
+    // registers), then the warp's best on lane j.
+    BlockDraw<T> mine{T(0), -1};
+#pragma unroll 1
+    for (int j = 0; j < B; ++j) {
+      BlockDraw<T> best{T(0), -1};
+      for (int64_t q = quad_lo + tid; q < quad_hi; q += kThreads) {
+        T base[4];
+        bool any = false;
 #pragma unroll
-    for (int j = 0; j < B; ++j) best[j] = BlockDraw<T>{T(0), -1};
-    for (int64_t q = quad_lo + tid; q < quad_hi; q += kThreads) {
-      T base[4];
-      bool any = false;
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        const int64_t l = q * 4 + w - start;
-        const bool ok = l >= lo && l < hi && residual[l] > p.tol;
-        base[w] = ok ? vlog(residual[l]) + static_cast<T>(sq_norm[l]) : T(0);
-        base[w] = ok ? base[w] : T(-INFINITY);
-        any = any || ok;
-      }
-      if (!any) continue;
-#pragma unroll
-      for (int j = 0; j < B; ++j) {  // unrolled: best[] stays in registers
+        for (int w = 0; w < 4; ++w) {
+          const int64_t l = q * 4 + w - start;
+          base[w] = l >= lo && l < hi ? score_base[l] : T(-INFINITY);
+          any = any || base[w] > T(-INFINITY);
+        }
+        if (!any) continue;
         const Philox4 bits = pivot_noise_bits(seed, static_cast<uint64_t>(g), block_draw_step(round, j),
                                               static_cast<uint64_t>(q));
 #pragma unroll
         for (int w = 0; w < 4; ++w) {
           if (base[w] > T(-INFINITY)) {
             const T score = base[w] - vlog(exponential_variate<T>(bits.v[w]));
-            best[j] = better_draw(best[j], BlockDraw<T>{score, static_cast<int32_t>(q * 4 + w - start)});
+            best = better_draw(best, BlockDraw<T>{score, static_cast<int32_t>(q * 4 + w - start)});
           }
         }
       }
-    }
-    // per draw: the warp's best on lane j, then the CTA's over the warps
-    BlockDraw<T> mine{T(0), -1};
-#pragma unroll
-    for (int j = 0; j < B; ++j) {
-      BlockDraw<T> v = best[j];
       for (int offset = 16; offset > 0; offset >>= 1) {
         BlockDraw<T> o;
-        o.score = __shfl_xor_sync(0xffffffffu, v.score, offset);
-        o.index = __shfl_xor_sync(0xffffffffu, v.index, offset);
-        v = better_draw(v, o);
+        o.score = __shfl_xor_sync(0xffffffffu, best.score, offset);
+        o.index = __shfl_xor_sync(0xffffffffu, best.index, offset);
+        best = better_draw(best, o);
       }
-      if (lane == j) mine = v;
+      if (lane == j) mine = best;
     }
     warp_draws[warp * B + lane] = mine;
     __syncthreads();
@@ -444,9 +465,9 @@ __global__ void __launch_bounds__(kThreads) block_pivot_kernel(BlockPivotParams<
       if (tid == 0) *state = BlockRoundState{count, 0, 1, 0};
       return;
     }
-    for (int64_t idx = tid; idx < B * e; idx += kThreads) {  // coords[j][c]: the draws' points
+    for (int64_t idx = tid; idx < B * e; idx += kThreads) {  // coords[j][c], rows of e + 1: the draws' points
       const int64_t j = idx / e, c = idx % e;
-      coords[idx] = draw_index[j] >= 0 ? x_input(draw_index[j], c) : T(0);
+      coords[j * (e + 1) + c] = draw_index[j] >= 0 ? x_input(draw_index[j], c) : T(0);
     }
     const int first = count;
     const int cached = first < p.cached_rows ? first : p.cached_rows;  // rows held in row_cache
@@ -460,7 +481,7 @@ __global__ void __launch_bounds__(kThreads) block_pivot_kernel(BlockPivotParams<
       const int j = idx / B, k = idx % B;
       T dist = 0;
       for (int64_t c = 0; c < e; ++c) {
-        const T diff = coords[k * e + c] - coords[j * e + c];
+        const T diff = coords[k * (e + 1) + c] - coords[j * (e + 1) + c];
         dist += diff * diff;
       }
       draw_kernel[idx] = vexp(dist * T(-0.5));
@@ -473,32 +494,50 @@ __global__ void __launch_bounds__(kThreads) block_pivot_kernel(BlockPivotParams<
       if (mm < cached) return row_cache[mm * B + k];
       return __ldcg(rows + mm * lmax + draw_index[k]);
     };
+    // old_r = L_old R_old(:, C): a thread per row c of L_old (read once from global memory), all
+    // draws at once in two halves of 16 accumulators
+    for (int c = tid; c < first; c += kThreads) {
+#pragma unroll 1
+      for (int half = 0; half < B; half += B / 2) {
+        double acc[B / 2] = {};
+        for (int mm = 0; mm < first; ++mm) {
+          const double l_cm = __ldcg(kinv + c * smax + mm);
+#pragma unroll
+          for (int j = 0; j < B / 2; ++j) acc[j] += l_cm * static_cast<double>(row_at_draw(mm, half + j));
+        }
+#pragma unroll
+        for (int j = 0; j < B / 2; ++j) old_r[(half + j) * smax + c] = acc[j];
+      }
+    }
+    __syncthreads();
     for (int j = 0; j < B && count < slots; ++j) {
       const T dj = draw_residual[j];
       if (!(dj > p.tol && draw_uniform[j] * draw_start[j] < dj)) continue;  // rejected
-      const int i = count;
-      // bordering (as one step): g = (L a, -1) / sqrt(d_p), a_m = R_m(p); L += g gᵀ
+      const int i = count, q = i - first;
+      // bordering (as one step): g = (L a, -1) / sqrt(d_p), a_m = R_m(p), with
+      // L = L_old + Σ_{this round's q' < q} g_q' g_q'ᵀ: L a = old_r[j] + Σ_q' g_q' (g_q' · a)
       for (int mm = tid; mm < i; mm += kThreads) a_d[mm] = static_cast<double>(row_at_draw(mm, j));
-      if (tid == 0) slot_draw[i - first] = j;
+      if (tid == 0) slot_draw[q] = j;
       __syncthreads();
-      // L = Σ_m g_m g_mᵀ over the slots so far, so L a = Σ_m g_m (g_m · a): two triangular passes
-      // over the g table instead of updating L in place at every pivot
-      const double inv_sqrt_dp = 1.0 / sqrt(static_cast<double>(dj));
-      for (int row = warp; row < i; row += kWarps) {  // a warp per g_m: t_m = g_m · a
+      for (int qq = warp; qq < q; qq += kWarps) {  // a warp per earlier pivot of the round
         double acc = 0;
-        for (int col = lane; col <= row; col += 32) acc += g_table[row * smax + col] * a_d[col];
+        for (int c = lane; c <= first + qq; c += 32) acc += fresh_g[qq * smax + c] * a_d[c];
         for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-        if (lane == 0) t_d[row] = acc;
+        if (lane == 0) t_d[qq] = acc;
       }
       __syncthreads();
-      for (int c = tid; c < i; c += kThreads) {  // (L a)_c = Σ_{m >= c} t_m g_m[c]
-        double acc = 0;
-        for (int row = c; row < i; ++row) acc += t_d[row] * g_table[row * smax + c];
+      const double inv_sqrt_dp = 1.0 / sqrt(static_cast<double>(dj));
+      for (int c = tid; c < i; c += kThreads) {
+        double acc = c < first ? old_r[j * smax + c] : 0.0;
+        for (int qq = c < first ? 0 : c - first; qq < q; ++qq) acc += t_d[qq] * fresh_g[qq * smax + c];
         g_d[c] = acc * inv_sqrt_dp;
       }
       if (tid == 0) g_d[i] = -inv_sqrt_dp;
       __syncthreads();
-      for (int mm = tid; mm <= i; mm += kThreads) g_table[i * smax + mm] = g_d[mm];
+      for (int mm = tid; mm <= i; mm += kThreads) {
+        g_table[i * smax + mm] = g_d[mm];
+        fresh_g[q * smax + mm] = g_d[mm];
+      }
       if (tid == 0) pivots[i] = draw_index[j];
       // the later draws' residuals, updated as the sweep updates the points'
       if (tid > j && tid < B) {
@@ -511,6 +550,15 @@ __global__ void __launch_bounds__(kThreads) block_pivot_kernel(BlockPivotParams<
       }
       ++count;
       __syncthreads();
+    }
+    // L += Σ_q g_q g_qᵀ over the round's pivots (rows and columns below count)
+    const int fresh_count = count - first;
+    for (int idx = tid; idx < count * count; idx += kThreads) {
+      const int r = idx / count, c = idx % count;
+      double acc = 0;  // g_q has entries up to slot first + q
+      const int from = (r > c ? r : c) - first;
+      for (int qq = from > 0 ? from : 0; qq < fresh_count; ++qq) acc += fresh_g[qq * smax + r] * fresh_g[qq * smax + c];
+      kinv[r * smax + c] += acc;
     }
     if (tid == 0) *state = BlockRoundState{first, count - first, 0, 0};
   };
@@ -531,17 +579,6 @@ __global__ void __launch_bounds__(kThreads) block_pivot_kernel(BlockPivotParams<
     fresh = st.fresh;
     done = st.done != 0;
     count = first + fresh;
-  }
-  // G_SS^-1 = Σ_m g_m g_mᵀ (zero outside count × count), its rows shared out over the cluster
-  for (int64_t idx = rank * kThreads + tid; idx < smax * smax; idx += static_cast<int64_t>(ranks) * kThreads) {
-    const int64_t r = idx / smax, c = idx % smax;
-    double acc = 0;
-    if (r < count && c < count) {
-      for (int64_t row = r > c ? r : c; row < count; ++row) {
-        acc += __ldcg(g_table + row * smax + r) * __ldcg(g_table + row * smax + c);
-      }
-    }
-    kinv[idx] = acc;
   }
   cluster_barrier();  // no CTA leaves while another may still read its shared memory
   if (rank == 0 && tid == 0) {

@@ -22,7 +22,8 @@ namespace {
 
 constexpr int kPivotThreads = 512;
 constexpr int kBlockPivotThreads = 256;  // up to 255 registers: a sweep holds 64 per-pivot values
-constexpr int64_t kBlockMinPoints = 2048;  // points per CTA below which a bin gets no more CTAs
+constexpr int64_t kBlockMinPoints = 512;  // points per CTA below which a bin gets no more CTAs (2 tiles)
+constexpr size_t kBlockSharedPerCta = 113 * 1024;  // two CTAs per SM (228 KB, 1 KB reserved per CTA)
 constexpr int kWeightsThreads = 256;
 constexpr int kFinalizeThreads = 256;
 constexpr int64_t kWeightsChunk = 1024;  // points per CTA of the weighted sums
@@ -113,22 +114,51 @@ void launch_block_pivots(const at::Tensor& points, const float* key_mean, const 
   using cuda_t = typename CudaType<scalar_t>::type;
   const int64_t bins_total = groups * num_bins;
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  int64_t cluster = 1;
-  if (props->major >= 9) {
-    cluster = std::clamp<int64_t>(props->multiProcessorCount / bins_total, 1, 8);
-    cluster = std::min<int64_t>(cluster, std::max<int64_t>(1, ws.length_max / kBlockMinPoints));
-  }
-  // the leader keeps the older kernel rows at the round's draws in the shared memory left over
-  const size_t fixed = kernels::block_layout<T>(e, ws.slots_max, 0, kBlockPivotThreads).bytes;
+  const size_t fixed = kernels::block_layout<T>(e, ws.slots_max, false, 0, kBlockPivotThreads).bytes;
   TORCH_CHECK(fixed <= max_shared_memory(), "wildcat: block pivoting needs ", fixed,
               " bytes of shared memory for E = ", e, " and ", ws.slots_max, " slots per bin; the device has ",
               max_shared_memory());
+  // The leader's round matrices, then as many older kernel rows at the round's draws as fit, go
+  // to shared memory within the room of two CTAs per SM (the rest stays in global memory).
+  const size_t budget = std::max(fixed, std::min(max_shared_memory(), kBlockSharedPerCta));
+  const bool round_in_smem = kernels::block_layout<T>(e, ws.slots_max, true, 0, kBlockPivotThreads).bytes <= budget;
+  const size_t base = kernels::block_layout<T>(e, ws.slots_max, round_in_smem, 0, kBlockPivotThreads).bytes;
   const size_t per_row = sizeof(T) * kernels::kBlockDraws;
-  const int cached_rows = static_cast<int>(std::min<int64_t>(ws.slots_max, (max_shared_memory() - fixed) / per_row));
-  const size_t smem = kernels::block_layout<T>(e, ws.slots_max, cached_rows, kBlockPivotThreads).bytes;
-
+  const int cached_rows = static_cast<int>(std::min<int64_t>(ws.slots_max, (budget - base) / per_row));
+  const size_t smem = kernels::block_layout<T>(e, ws.slots_max, round_in_smem, cached_rows, kBlockPivotThreads).bytes;
+  auto kernel = kernels::block_pivot_kernel<cuda_t, T, kBlockPivotThreads>;
+  allow_shared_memory(kernel, smem);
+  cudaLaunchConfig_t config{};
+  config.blockDim = dim3(kBlockPivotThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  // The largest cluster (at most the portable 8, at least kBlockMinPoints points per CTA) whose
+  // clusters for all bins are resident at once: a bin left for a second wave doubles the time.
+  int64_t cluster = 1;
+  if (props->major >= 9) {
+    const int64_t widest = std::clamp<int64_t>(ws.length_max / kBlockMinPoints, 1, 8);
+    for (int64_t c = widest; c > 1; --c) {
+      attribute.val.clusterDim.x = static_cast<unsigned>(c);
+      config.gridDim = dim3(static_cast<unsigned>(c));
+      config.attrs = &attribute;
+      config.numAttrs = 1;
+      int active = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&active, kernel, &config));
+      if (active >= bins_total) {
+        cluster = c;
+        break;
+      }
+    }
+  }
   at::Tensor keys_t = at::empty({bins_total, e, ws.length_max}, points.options());
   at::Tensor g_table = at::empty({bins_total, ws.slots_max, ws.slots_max}, ws.kinv.options());
+  at::Tensor score_base = at::empty({bins_total, ws.length_max}, ws.residual.options());
+  at::Tensor round_ws;
+  if (!round_in_smem) round_ws = at::empty({bins_total, 2, kernels::kBlockDraws, ws.slots_max}, ws.kinv.options());
   kernels::BlockPivotParams<cuda_t, T> p{};
   p.points = device_ptr<scalar_t>(points);
   p.key_mean = key_mean;
@@ -142,6 +172,8 @@ void launch_block_pivots(const at::Tensor& points, const float* key_mean, const 
   p.length_max = ws.length_max;
   p.cluster = static_cast<int>(cluster);
   p.cached_rows = cached_rows;
+  p.round_in_smem = round_in_smem;
+  p.round_ws = round_in_smem ? nullptr : round_ws.mutable_data_ptr<double>();
   p.beta = beta;
   p.tau = tau;
   p.tol = static_cast<T>(tol);
@@ -149,6 +181,7 @@ void launch_block_pivots(const at::Tensor& points, const float* key_mean, const 
   p.sample_all = sample_all;
   p.keys_t = reinterpret_cast<cuda_t*>(keys_t.mutable_data_ptr<scalar_t>());
   p.residual = ws.residual.template mutable_data_ptr<T>();
+  p.score_base = score_base.mutable_data_ptr<T>();
   p.sq_norm = ws.sq_norm.template mutable_data_ptr<double>();
   p.rows = ws.rows.template mutable_data_ptr<T>();
   p.kinv = ws.kinv.template mutable_data_ptr<double>();
@@ -156,22 +189,10 @@ void launch_block_pivots(const at::Tensor& points, const float* key_mean, const 
   p.pivots = ws.pivots.template mutable_data_ptr<int64_t>();
   p.counts = ws.counts.template mutable_data_ptr<int32_t>();
   p.max_sq_norm = ws.max_sq_norm.template mutable_data_ptr<double>();
-  auto kernel = kernels::block_pivot_kernel<cuda_t, T, kBlockPivotThreads>;
-  allow_shared_memory(kernel, smem);
-  cudaLaunchConfig_t config{};
   config.gridDim = dim3(static_cast<unsigned>(bins_total * cluster));
-  config.blockDim = dim3(kBlockPivotThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attribute{};
-  if (cluster > 1) {
-    attribute.id = cudaLaunchAttributeClusterDimension;
-    attribute.val.clusterDim.x = static_cast<unsigned>(cluster);
-    attribute.val.clusterDim.y = 1;
-    attribute.val.clusterDim.z = 1;
-    config.attrs = &attribute;
-    config.numAttrs = 1;
-  }
+  attribute.val.clusterDim.x = static_cast<unsigned>(cluster);
+  config.attrs = cluster > 1 ? &attribute : nullptr;
+  config.numAttrs = cluster > 1 ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
 }
 
