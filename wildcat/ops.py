@@ -35,7 +35,10 @@ def _seed_tensor(seed: Seed, device: torch.device) -> Optional[Tensor]:
 
 
 def rp_nystrom(points: Tensor, rank: int, seed: Seed = 0, tol: float = DEFAULT_TOL) -> tuple[Tensor, Tensor, Tensor]:
-    """Randomly pivoted Cholesky: (pivots, kinv, rows) of the Gaussian kernel of `points`."""
+    """Randomly pivoted Cholesky: (pivots, kinv, rows) of the Gaussian kernel of `points`.
+
+    Up to 16 pivots are taken one per step (docs/ALGORITHM.md §2.7), more in rounds of 32 draws
+    with rejection (§7): the same distribution, different pivots for the same seed."""
     return torch.ops.wildcat.rp_nystrom(points, rank, _seed_tensor(seed, points.device), tol)
 
 
