@@ -30,6 +30,7 @@ namespace kernels {
 
 constexpr int kResidentMaxThreads = 256;
 constexpr int kResidentMaxSlots = 16;   // kernel rows held per point (slots per bin)
+static_assert(kResidentMaxSlots <= kSequentialMaxSlots, "the resident kernel takes one pivot per step");
 constexpr int kResidentMaxCluster = 16;  // 8 is portable; 16 needs the non-portable opt-in (H100 has it)
 constexpr int kResidentSlotBlock = 8;    // weighted sums: slots accumulated per pass
 constexpr int kResidentSub = 128;        // weighted sums: points whose products are formed at once

@@ -72,7 +72,8 @@ def test_compress_with_lengths_picks_the_cpu_pivots(e):
 @pytest.mark.parametrize("e", [64, 128])
 def test_block_pivoting_over_a_cluster_picks_the_cpu_pivots(e):
     """Few groups of long bins: each bin's rounds run on a cluster of 8 CTAs, with key padding that
-    ends inside a CTA's points, leaves CTAs without points, or a bin with fewer keys than slots."""
+    ends inside a CTA's points, a short bin (3,001 keys), and bins with at most as many keys as
+    slots (kept exactly)."""
     groups, n, rank = 6, 30000, 64
     k, v = randn(groups, n, e, dtype=torch.bfloat16), randn(groups, n, e, dtype=torch.bfloat16)
     lengths = torch.tensor([n, 29999, 20001, 3001, 64, 40])

@@ -21,7 +21,7 @@ namespace cuda {
 namespace {
 
 constexpr int kPivotThreads = 512;
-constexpr int kBlockPivotThreads = 256;  // up to 255 registers: a sweep holds 64 per-pivot values
+constexpr int kBlockPivotThreads = 256;  // float: two CTAs per SM at 128 registers; double: one
 constexpr int64_t kBlockMinPoints = 512;  // points per CTA below which a bin gets no more CTAs (2 tiles)
 constexpr size_t kBlockSharedPerCta = 113 * 1024;  // two CTAs per SM (228 KB, 1 KB reserved per CTA)
 constexpr int kWeightsThreads = 256;
