@@ -140,8 +140,6 @@ class PivotedCholesky {
     const T* e_noise = exp_noise_.data();
     draw_score_.resize(n);
     T* score = draw_score_.data();
-    int64_t drawn[kDraws];
-    T drawn_from[kDraws], now[kDraws], uniform[kDraws];
     // R_m(c_k) for the round's pivots m, whose rows the sweep forms only after the round:
     // round_rows[(m - first) * kDraws + k], filled for the draws k after the one accepted as m.
     T round_rows[kDraws * kDraws];
@@ -153,40 +151,39 @@ class PivotedCholesky {
         base[l] = d[l] > tol ? next : kNegInf;
       }
       const int64_t offset = noise.offset;
-      for (int j = 0; j < kDraws; ++j) {
+      const int64_t first = count_;
+      // Draws are taken only as the acceptance reaches them (a round that fills the bin early
+      // skips the rest, each a full pass over the points); draw j's residual then catches up with
+      // the round's pivots accepted before it, in their order: the same arithmetic as updating
+      // every later draw at each acceptance.
+      for (int j = 0; j < kDraws && count_ < steps_; ++j) {
         fill_noise(noise, kernels::block_draw_step(t, j));
 #pragma omp simd
         for (int64_t l = 0; l < n; ++l) score[l] = base[l] - kernels::vlog(e_noise[l]);
-        drawn[j] = argmax(score, n);
+        const int64_t c = argmax(score, n);
         // Only the first draw can find no point: every draw has the same candidates.
-        if (drawn[j] < 0) return;  // every residual <= tol: early stop
-        drawn_from[j] = d[drawn[j]];
-        now[j] = drawn_from[j];
+        if (c < 0) return;  // every residual <= tol: early stop
         const kernels::Philox4 bits = kernels::pivot_noise_bits(
             noise.seed, noise.group, kernels::block_accept_step(t, j), static_cast<uint64_t>(offset >> 2));
-        uniform[j] = kernels::open_uniform<T>(bits.v[offset & 3]);
-      }
-
-      const int64_t first = count_;
-      for (int j = 0; j < kDraws && count_ < steps_; ++j) {
-        if (!(now[j] > tol && uniform[j] * drawn_from[j] < now[j])) continue;
-        const int64_t i = count_;
-        const int64_t p = drawn[j];
-        for (int64_t m = 0; m < first; ++m) border_[m] = rows_[m * n + p];
-        for (int64_t m = first; m < i; ++m) border_[m] = round_rows[(m - first) * kDraws + j];
-        add_pivot(p, now[j]);
-        // the residuals of the later draws, updated as update_points updates the points'
-        const T* gi = factor_.data() + i * steps_;
-        T* ri = round_rows + (i - first) * kDraws;
-        for (int k = j + 1; k < kDraws; ++k) {
-          const int64_t c = drawn[k];
-          ri[k] = kernel(p, c);
-          T y = gi[i] * ri[k];
+        const T uniform = kernels::open_uniform<T>(bits.v[offset & 3]);
+        const T drawn_from = d[c];
+        T now = drawn_from;
+        for (int64_t i = first; i < count_; ++i) {  // as update_points updates the points'
+          const int64_t p = pivots_[i];
+          const T* gi = factor_.data() + i * steps_;
+          T* ri = round_rows + (i - first) * kDraws;
+          ri[j] = kernel(p, c);
+          T y = gi[i] * ri[j];
           for (int64_t m = 0; m < i; ++m) {
-            y += gi[m] * (m < first ? rows_[m * n + c] : round_rows[(m - first) * kDraws + k]);
+            y += gi[m] * (m < first ? rows_[m * n + c] : round_rows[(m - first) * kDraws + j]);
           }
-          now[k] = c == p ? T(0) : std::max(T(0), now[k] - y * y);
+          now = c == p ? T(0) : std::max(T(0), now - y * y);
         }
+        if (!(now > tol && uniform * drawn_from < now)) continue;
+        const int64_t i = count_;
+        for (int64_t m = 0; m < first; ++m) border_[m] = rows_[m * n + c];
+        for (int64_t m = first; m < i; ++m) border_[m] = round_rows[(m - first) * kDraws + j];
+        add_pivot(c, now);
       }
 
       // The sweep: per chunk of points, the round's pivots in order, so that the chunk's rows and
