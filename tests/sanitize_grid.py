@@ -31,6 +31,8 @@ def main() -> int:
         (torch.bfloat16, 4100, 40, 1, 64, 64, 2, 2, 9),      # block pivoting over clusters of 2 CTAs
         (torch.float32, 3000, 33, 2, 40, 24, 2, 1, 9),       # bins of 17 and 16 slots: both pivot kernels
         (torch.float64, 900, 80, 1, 16, 8, 2, 2, 9),         # block pivoting in double
+        (torch.bfloat16, 700, 40, 1, 64, 37, 2, 2, 9),       # weighted sums: values one by one (D = 37)
+        (torch.float16, 600, 144, 1, 32, 80, 2, 2, 9),       # weighted sums: two blocks of pivots and columns
     ]
     for dtype, n, r, bins, e, dv, hq, hkv, m in cases:
         q = torch.randn(1, hq, m, e, device=dev).to(dtype)

@@ -17,6 +17,7 @@
 
 #include <cfloat>
 #include <cstdint>
+#include <type_traits>
 
 #include "block_pivoting.h"
 #include "common.h"
@@ -52,6 +53,14 @@ __device__ __forceinline__ T to_acc(T v) {
 }
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// A residual above tol raised to T's smallest normal before its logarithm, as the CPU does
+// (pivoted_cholesky.h): the two pick the same pivots even for a tol below that.
+template <typename T>
+__device__ __forceinline__ T normal_floor(T d) {
+  const T tiny = sizeof(T) == 4 ? static_cast<T>(FLT_MIN) : static_cast<T>(DBL_MIN);
+  return d > tiny ? d : tiny;
+}
 
 // ---------------------------------------------------------------------------------------------
 // 1. Group statistics
@@ -450,7 +459,7 @@ __global__ void __launch_bounds__(kThreads) pivot_kernel(PivotParams<scalar_t, T
         const uint64_t pos = static_cast<uint64_t>(start + l);
         const Philox4 bits =
             pivot_noise_bits(seed, static_cast<uint64_t>(g), static_cast<uint32_t>(i + 1), pos >> 2);
-        const T score = vlog(d / exponential_variate<T>(bits.v[pos & 3])) + static_cast<T>(sq_norm[l]);
+        const T score = vlog(normal_floor(d) / exponential_variate<T>(bits.v[pos & 3])) + static_cast<T>(sq_norm[l]);
         best = better(best, ArgMax{static_cast<float>(score), l});
       }
     }
@@ -480,30 +489,77 @@ struct WeightsParams {
   double* partial;            // (G*C, chunks_max, slots_max, D + 1)
 };
 
-// Σ_{l in chunk} R_j(l) e^{(s_l - s_ref)/2} [v_l | 1] for every pivot j of the bin; one CTA per
-// (bin, chunk). Accumulated in double: G_SS^-1 amplifies the rounding of these sums
-// (benchmarks/NOTES.md). A product over points, tiled like a matrix product: the chunk is walked
-// in pieces of kWeightsSub points whose factors c_j(l) = R_j(l) e^{(s_l - s_ref)/2} (a block of
-// kWeightsRows pivots) and values (a block of columns) are staged in shared memory, and each
-// thread accumulates 4 pivots × kWeightsCols columns in registers, so every shared load feeds
-// several DFMA. Each sum runs over the chunk's points in order.
-constexpr int kWeightsSub = 32;    // points staged at once
-constexpr int kWeightsRows = 64;   // pivots per block: 16 row groups of 4
-constexpr int kWeightsCols = 5;    // columns per thread: 16 column groups, so 80 per block
-
-template <typename scalar_t>
-__host__ __device__ inline size_t weights_smem_bytes(int64_t chunk) {
-  return sizeof(double) * (chunk + kWeightsSub * kWeightsRows + kWeightsSub * 16 * kWeightsCols);
+// d += a b on the FP64 tensor cores: an 8×4 by 4×8 product per warp (PTX mma m8n8k4 .f64, sm_80).
+// Lane t holds A(t / 4, t % 4), B(t % 4, t / 4) and D(t / 4, 2 (t % 4) + {0, 1}).
+__device__ __forceinline__ void dmma_m8n8k4(double& d0, double& d1, double a, double b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
+               : "+d"(d0), "+d"(d1)
+               : "d"(a), "d"(b));
+#else  // the same product through shuffles, for architectures without FP64 mma
+  const int lane = threadIdx.x % 32, row = lane / 4, col = 2 * (lane % 4);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const double ak = __shfl_sync(0xffffffffu, a, row * 4 + k);
+    d0 += ak * __shfl_sync(0xffffffffu, b, col * 4 + k);
+    d1 += ak * __shfl_sync(0xffffffffu, b, (col + 1) * 4 + k);
+  }
+#endif
 }
 
-template <typename scalar_t, typename T, int kThreads>
-__global__ void __launch_bounds__(kThreads) weights_partial_kernel(WeightsParams<scalar_t, T> p) {
-  static_assert(kThreads == 256, "16 row groups x 16 column groups");
+// d += a b, a 16×8 by 8×8 product per warp (PTX mma m16n8k8 .f64, sm_90: 1.5× the speed of m8n8k4
+// in the weighted sums, benchmarks/NOTES.md). With g = t / 4, q = t % 4, lane t holds
+// A(g + 8 (i % 2), q + 4 (i / 2)) as a[i], B(q + 4 i, g) as b[i] and D(g + 8 (i / 2), 2 q + i % 2)
+// as d[i]: each quarter is an m8n8k4 operand, which is how older architectures compute it.
+__device__ __forceinline__ void dmma_m16n8k8(double (&d)[4], const double (&a)[4], const double (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f64.f64.f64.f64 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};\n"
+               : "+d"(d[0]), "+d"(d[1]), "+d"(d[2]), "+d"(d[3])
+               : "d"(a[0]), "d"(a[1]), "d"(a[2]), "d"(a[3]), "d"(b[0]), "d"(b[1]));
+#else
+  dmma_m8n8k4(d[0], d[1], a[0], b[0]);
+  dmma_m8n8k4(d[0], d[1], a[2], b[1]);
+  dmma_m8n8k4(d[2], d[3], a[1], b[0]);
+  dmma_m8n8k4(d[2], d[3], a[3], b[1]);
+#endif
+}
+
+// Σ_{l in chunk} R_j(l) e^{(s_l - s_ref)/2} [v_l | 1] for every pivot j of the bin; one CTA per
+// (bin, chunk). Accumulated in double: G_SS^-1 amplifies the rounding of these sums
+// (benchmarks/NOTES.md). A matrix product F V on the FP64 tensor cores, F(j, l) = R_j(l)
+// e^{(s_l - s_ref)/2}: the chunk is walked in pieces of kWeightsSub points whose factors (a block of
+// kWeightsRows pivots) and values (a block of kWeightsCols columns, the last one the ones column)
+// are staged in shared memory as double; the 8 warps split the block as 4 × 2 and each holds 4 × 5
+// (or 4 × 4) tiles of 8 × 8 sums.
+constexpr int kWeightsSub = 32;                     // points staged at once: 8 steps of k = 4
+constexpr int kWeightsRows = 128;                   // pivots per block: 16 tiles, 4 per warp row
+constexpr int kWeightsCols = 72;                    // columns per block: 9 tiles over 2 warp columns
+constexpr int kWeightsFactorStride = kWeightsSub + 4;  // ≡ 4 (mod 16) doubles: the A loads of a
+constexpr int kWeightsValueStride = kWeightsCols + 4;  // half-warp hit 16 distinct banks, as do B's
+
+__host__ __device__ inline size_t weights_smem_bytes(int64_t chunk) {
+  return sizeof(double) *
+         (chunk + kWeightsRows * kWeightsFactorStride + kWeightsSub * kWeightsValueStride);
+}
+
+template <typename scalar_t, typename T, int kThreads, bool kVectorValues>
+__global__ void __launch_bounds__(kThreads, 1) weights_partial_kernel(WeightsParams<scalar_t, T> p) {
+  static_assert(kThreads == 256, "8 warps: 4 rows of pivot tiles x 2 columns of value tiles");
+  constexpr int kTileRows = 16, kK = 8;                                   // m16n8k8 tiles
+  constexpr int kRowTiles = kWeightsRows / kTileRows / 4, kColTiles = 5;  // per warp: tiles wm + 4u, wn + 2v
+  constexpr int kFactorLoads = kWeightsSub * kWeightsRows / kThreads;
+  static_assert(kFactorLoads * kThreads == kWeightsSub * kWeightsRows, "whole factor loads per thread");
+  // values in 16-byte pieces of kValueWidth columns (D a multiple of the width, rows aligned) or one by one
+  constexpr int kValueWidth = kVectorValues ? 16 / static_cast<int>(sizeof(scalar_t)) : 1;
+  static_assert(kWeightsCols % kValueWidth == 0, "whole pieces per column block");
+  constexpr int kValueUnits = kWeightsCols / kValueWidth;  // per point
+  constexpr int kValueLoads = (kWeightsSub * kValueUnits + kThreads - 1) / kThreads;
+  using ValueStage = std::conditional_t<kVectorValues, uint4, scalar_t>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   double* point_scale = reinterpret_cast<double*>(smem_raw);
-  double* factors = point_scale + p.chunk;              // [kWeightsRows][kWeightsSub]
-  double* vals = factors + kWeightsSub * kWeightsRows;  // [kWeightsSub][16 * kWeightsCols]
-  constexpr int kBlockCols = 16 * kWeightsCols;
+  double* factors = point_scale + p.chunk;                         // [kWeightsRows][factor stride]
+  double* vals = factors + kWeightsRows * kWeightsFactorStride;    // [kWeightsSub][value stride]
   const int64_t gb = blockIdx.x, chunk = blockIdx.y;
   const int64_t g = gb / p.num_bins, b = gb % p.num_bins;
   const int64_t k = p.counts[gb];
@@ -513,10 +569,11 @@ __global__ void __launch_bounds__(kThreads) weights_partial_kernel(WeightsParams
   const int64_t start = balanced_start(valid, p.num_bins, b);
   const int64_t first = chunk * p.chunk;
   if (first >= length) return;
-  const int64_t len = first + p.chunk < length ? p.chunk : length - first;
+  const int len = static_cast<int>(first + p.chunk < length ? p.chunk : length - first);
   const double s_ref = p.max_sq_norm[gb];
-  const int tid = threadIdx.x, row_group = tid / 16, col_group = tid % 16;
-  for (int64_t l = tid; l < len; l += kThreads) {
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int wm = warp / 2, wn = warp % 2, quad_row = lane / 4, quad_col = lane % 4;
+  for (int l = tid; l < len; l += kThreads) {
     point_scale[l] = exp((p.sq_norm[gb * p.length_max + first + l] - s_ref) / 2);
   }
   const int64_t cols = p.dv + 1;
@@ -524,43 +581,108 @@ __global__ void __launch_bounds__(kThreads) weights_partial_kernel(WeightsParams
   const T* rows = p.rows + gb * p.slots_max * p.length_max + first;
   double* out = p.partial + (gb * p.chunks_max + chunk) * p.slots_max * cols;
   for (int64_t j0 = 0; j0 < k; j0 += kWeightsRows) {
-    for (int64_t c0 = 0; c0 < cols; c0 += kBlockCols) {
-      double acc[4][kWeightsCols] = {};
-      for (int64_t l0 = 0; l0 < len; l0 += kWeightsSub) {
-        const int64_t sub = len - l0 < kWeightsSub ? len - l0 : kWeightsSub;
+    const int row_tiles = static_cast<int>(((k - j0 < kWeightsRows ? k - j0 : kWeightsRows) + kTileRows - 1) / kTileRows);
+    for (int64_t c0 = 0; c0 < cols; c0 += kWeightsCols) {
+      const int col_tiles = static_cast<int>(((cols - c0 < kWeightsCols ? cols - c0 : kWeightsCols) + 7) / 8);
+      // The next piece's factors and values are loaded into registers while the tensor cores work
+      // on the current one (one CTA per SM: nothing else would hide the loads' latency). Thread
+      // tid loads the factors of point tid % 32 for pivots tid / 32 + 8 i, and 16-byte pieces of
+      // value rows (or single values where rows are not 16-byte aligned).
+      const int factor_rows = static_cast<int>(k - j0) - tid / 32;  // rows of this thread below k
+      const T* factor_src = rows + (j0 + tid / 32) * p.length_max + tid % 32;
+      const int64_t factor_step = 8 * p.length_max;
+      T factor_raw[kFactorLoads];
+      ValueStage value_raw[kValueLoads];
+      const auto load_piece = [&](int l0) {
+        const bool point_in = tid % 32 < len - l0;
+#pragma unroll
+        for (int i = 0; i < kFactorLoads; ++i) {
+          factor_raw[i] = point_in && 8 * i < factor_rows ? factor_src[i * factor_step + l0] : T(0);
+        }
+#pragma unroll
+        for (int i = 0; i < kValueLoads; ++i) {
+          const int idx = tid + i * kThreads, l = idx / kValueUnits;
+          const int64_t col = c0 + idx % kValueUnits * kValueWidth;
+          const bool in = idx < kWeightsSub * kValueUnits && l < len - l0 && col < p.dv;
+          if constexpr (kVectorValues) {
+            value_raw[i] = in ? *reinterpret_cast<const uint4*>(values + (l0 + l) * p.dv + col) : uint4{};
+          } else {
+            value_raw[i] = in ? values[(l0 + l) * p.dv + col] : scalar_t{};
+          }
+        }
+      };
+      const auto store_piece = [&](int l0) {
+        const bool point_in = tid % 32 < len - l0;
+        const double scale = point_in ? point_scale[l0 + tid % 32] : 0.0;
+#pragma unroll
+        for (int i = 0; i < kFactorLoads; ++i) {
+          factors[(tid / 32 + 8 * i) * kWeightsFactorStride + tid % 32] = static_cast<double>(factor_raw[i]) * scale;
+        }
+#pragma unroll
+        for (int i = 0; i < kValueLoads; ++i) {
+          const int idx = tid + i * kThreads, l = idx / kValueUnits, c = idx % kValueUnits * kValueWidth;
+          if (idx >= kWeightsSub * kValueUnits) break;
+          const bool in = l < len - l0;
+          double v[kValueWidth];
+          if constexpr (kVectorValues) {
+            unpack_piece<scalar_t>(value_raw[i], v);
+          } else {
+            v[0] = static_cast<double>(to_acc(value_raw[i]));
+          }
+#pragma unroll
+          for (int w = 0; w < kValueWidth; ++w) {
+            const int64_t col = c0 + c + w;  // past D: the ones column, then zeros
+            vals[l * kWeightsValueStride + c + w] = !in || col > p.dv ? 0.0 : (col == p.dv ? 1.0 : v[w]);
+          }
+        }
+      };
+      double acc[kRowTiles][kColTiles][4] = {};
+      load_piece(0);
+      for (int l0 = 0; l0 < len; l0 += kWeightsSub) {
         __syncthreads();  // point_scale is written; the previous piece is consumed
-        for (int idx = tid; idx < kWeightsSub * kWeightsRows; idx += kThreads) {
-          const int64_t j = idx / kWeightsSub, l = idx % kWeightsSub;  // consecutive points: coalesced
-          factors[j * kWeightsSub + l] = j0 + j < k && l < sub
-              ? static_cast<double>(rows[(j0 + j) * p.length_max + l0 + l]) * point_scale[l0 + l] : 0.0;
-        }
-        for (int idx = tid; idx < kWeightsSub * kBlockCols; idx += kThreads) {
-          const int64_t l = idx / kBlockCols, c = idx % kBlockCols, col = c0 + c;
-          double v = 0;
-          if (l < sub && col < cols) v = col < p.dv ? static_cast<double>(to_acc(values[(l0 + l) * p.dv + col])) : 1.0;
-          vals[idx] = v;
-        }
+        store_piece(l0);
         __syncthreads();
-        for (int l = 0; l < sub; ++l) {
-          double f[4], x[kWeightsCols];
+        if (l0 + kWeightsSub < len) load_piece(l0 + kWeightsSub);
+#pragma unroll 1
+        for (int kk = 0; kk < kWeightsSub; kk += kK) {
+          double a[kRowTiles][4], bv[kColTiles][2];
 #pragma unroll
-          for (int u = 0; u < 4; ++u) f[u] = factors[(row_group + 16 * u) * kWeightsSub + l];
+          for (int u = 0; u < kRowTiles; ++u) {
 #pragma unroll
-          for (int w = 0; w < kWeightsCols; ++w) x[w] = vals[l * kBlockCols + col_group + 16 * w];
+            for (int i = 0; i < 4; ++i) {
+              const int row = (wm + 4 * u) * kTileRows + quad_row + 8 * (i % 2), col = kk + quad_col + 4 * (i / 2);
+              a[u][i] = factors[row * kWeightsFactorStride + col];
+            }
+          }
 #pragma unroll
-          for (int u = 0; u < 4; ++u) {
+          for (int v = 0; v < kColTiles; ++v) {
+            const int tile = wn + 2 * v < 9 ? wn + 2 * v : 8;  // wn = 1 has 4 tiles
 #pragma unroll
-            for (int w = 0; w < kWeightsCols; ++w) acc[u][w] += f[u] * x[w];
+            for (int i = 0; i < 2; ++i) {
+              bv[v][i] = vals[(kk + quad_col + 4 * i) * kWeightsValueStride + tile * 8 + quad_row];
+            }
+          }
+#pragma unroll
+          for (int u = 0; u < kRowTiles; ++u) {
+            if (wm + 4 * u >= row_tiles) continue;  // warp-uniform
+#pragma unroll
+            for (int v = 0; v < kColTiles; ++v) {
+              if (wn + 2 * v >= col_tiles) continue;
+              dmma_m16n8k8(acc[u][v], a[u], bv[v]);
+            }
           }
         }
       }
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int64_t j = j0 + row_group + 16 * u;
+      for (int u = 0; u < kRowTiles; ++u) {
 #pragma unroll
-        for (int w = 0; w < kWeightsCols; ++w) {
-          const int64_t col = c0 + col_group + 16 * w;
-          if (j < k && col < cols) out[j * cols + col] = acc[u][w];
+        for (int v = 0; v < kColTiles; ++v) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int64_t j = j0 + (wm + 4 * u) * kTileRows + quad_row + 8 * (i / 2);
+            const int64_t col = c0 + (wn + 2 * v) * 8 + 2 * quad_col + i % 2;
+            if (wn + 2 * v < 9 && j < k && col < cols) out[j * cols + col] = acc[u][v][i];
+          }
         }
       }
     }
@@ -585,11 +707,21 @@ struct FinalizeParams {
   const int64_t* lengths;     // (G) keys per group, or null: N
   bool center_values;
   int64_t n, dv, rank, num_bins, kept, slots_max, length_max, chunk, chunks_max;
-  double* rhs;                // (G*C, slots_max, D + 1) workspace
+  int64_t tile_cols;          // value columns per CTA (finalize_tile_cols)
+  double* rhs;                // (G*C, column tiles, slots_max, tile_cols + 1) workspace
   double* scaled;             // (G, kept, D + 1): values | weight of each slot, up to
   double* log_scale;          // (G, kept): ... the factor e^{log_scale} (write_group_kernel)
   int64_t* core_indices;      // (G, kept)
 };
+
+// grid (G*C, column tiles of p.tile_cols): each CTA sums the chunks of its columns (and of the
+// weights' column, which value centring subtracts) and multiplies them by G_SS^-1. The chunk sums
+// are loads from HBM, latency-bound with one CTA per bin where bins are few: 0.61 ms at bins = 1,
+// N = 65,536 with all columns in one CTA, 0.19 ms with 8 (benchmarks/NOTES.md). Where bins fill the
+// GPU, one CTA per bin takes all columns (8 columns took 14 -> 51 us at bins = 16).
+__host__ __device__ inline int64_t finalize_tile_cols(int64_t bins_total, int64_t cols, int64_t sms) {
+  return bins_total >= 2 * sms ? cols : (cols < 8 ? cols : 8);
+}
 
 template <typename scalar_t, typename T, int kThreads>
 __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeParams<scalar_t, T> p) {
@@ -606,7 +738,9 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeParams<scala
   int64_t* core_indices = p.core_indices + g * p.kept + first_slot;
   const T* vmin = p.value_min + g * dv;
   const T* vmax = p.value_max + g * dv;
-  if (length <= slots) {  // exact bin: V̂ = V (- v_c), w = 1
+  const int64_t tile = blockIdx.y, tile_cols = p.tile_cols, c_begin = tile * tile_cols;
+  if (length <= slots) {  // exact bin: V̂ = V (- v_c), w = 1; the first tile writes it all
+    if (tile != 0) return;
     const scalar_t* values = p.values + (g * p.n + start) * dv;
     for (int64_t o = threadIdx.x; o < length * dv; o += kThreads) {
       const int64_t l = o / dv, c = o % dv;
@@ -629,26 +763,36 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeParams<scala
   }
   const int64_t k = p.counts[gb];
   const int64_t chunks = (length + p.chunk - 1) / p.chunk;
-  double* rhs = p.rhs + gb * p.slots_max * cols;
-  for (int64_t o = threadIdx.x; o < k * cols; o += kThreads) {
+  const int64_t c_count = cols - c_begin < tile_cols ? cols - c_begin : tile_cols;
+  const int64_t rhs_cols = tile_cols + 1;  // the tile's columns, then the weights' column
+  double* rhs = p.rhs + (gb * gridDim.y + tile) * p.slots_max * rhs_cols;
+  const double* partial = p.partial + gb * p.chunks_max * p.slots_max * cols;
+  const int64_t chunk_stride = p.slots_max * cols;
+  for (int64_t o = threadIdx.x; o < k * rhs_cols; o += kThreads) {
+    const int64_t j = o / rhs_cols, cc = o % rhs_cols;
+    if (cc < tile_cols ? cc >= c_count : !p.center_values) continue;
+    const double* src = partial + j * cols + (cc < tile_cols ? c_begin + cc : dv);
     double sum = 0;
-    for (int64_t ch = 0; ch < chunks; ++ch) {
-      sum += p.partial[(gb * p.chunks_max + ch) * p.slots_max * cols + o];
-    }
+#pragma unroll 8
+    for (int64_t ch = 0; ch < chunks; ++ch) sum += src[ch * chunk_stride];
     rhs[o] = sum;
   }
   __syncthreads();
   const double* kinv = p.kinv + gb * p.slots_max * p.slots_max;
   const int64_t* pivots = p.pivots + gb * p.slots_max;
   const double s_ref = p.max_sq_norm[gb];
-  for (int64_t o = threadIdx.x; o < slots * cols; o += kThreads) {
-    const int64_t a = o / cols, col = o % cols;
+  for (int64_t o = threadIdx.x; o < slots * c_count; o += kThreads) {
+    const int64_t a = o / c_count, cc = o % c_count, col = c_begin + cc;
     double acc = 0;
     if (a < k) {
-      const double offset =
-          (p.center_values && col < dv) ? (static_cast<double>(vmin[col]) + vmax[col]) / 2 : 0.0;
-      for (int64_t j = 0; j < k; ++j) {
-        acc += kinv[a * p.slots_max + j] * (rhs[j * cols + col] - offset * rhs[j * cols + dv]);
+      if (p.center_values && col < dv) {
+        const double offset = (static_cast<double>(vmin[col]) + vmax[col]) / 2;
+        for (int64_t j = 0; j < k; ++j) {
+          acc += kinv[a * p.slots_max + j] *
+                 (rhs[j * rhs_cols + cc] - offset * rhs[j * rhs_cols + tile_cols]);
+        }
+      } else {
+        for (int64_t j = 0; j < k; ++j) acc += kinv[a * p.slots_max + j] * rhs[j * rhs_cols + cc];
       }
     }
     scaled[a * cols + col] = acc;  // 0 after an early stop

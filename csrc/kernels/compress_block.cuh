@@ -406,7 +406,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
     // each point's log d + s (-inf at or below tol), once per round
     for (int64_t l = lo + tid; l < hi; l += kThreads) {
       const T d = residual[l];
-      score_base[l] = d > p.tol ? vlog(d) + static_cast<T>(sq_norm[l]) : T(-INFINITY);
+      score_base[l] = d > p.tol ? vlog(normal_floor(d)) + static_cast<T>(sq_norm[l]) : T(-INFINITY);
     }
     __syncthreads();
     // One draw at a time over this thread's quads (a running best per draw would hold 64

@@ -439,7 +439,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
           quad = pos >> 2;
           bits = pivot_noise_bits(seed, static_cast<uint64_t>(g), static_cast<uint32_t>(i + 1), quad);
         }
-        const float score = vlog(d / exponential_variate<float>(bits.v[pos & 3])) + static_cast<float>(s[q]);
+        const float score = vlog(normal_floor(d) / exponential_variate<float>(bits.v[pos & 3])) + static_cast<float>(s[q]);
         const ArgMax mine{score, first + l};
         if (better(best, mine).index == mine.index) best = mine, best_residual = d;
       }

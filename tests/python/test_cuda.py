@@ -31,7 +31,10 @@ def to(device, *tensors):
      # block pivoting (bins of more than 16 slots): 128 slots (older rows staged in two passes),
      # 200 (the leader's g table too large for shared memory), and bins of 17 and 16 slots in one
      # call (both pivot kernels)
-     (6000, 128, 1, 64, 64), (3000, 200, 1, 64, 64), (3000, 33, 2, 96, 32)],
+     (6000, 128, 1, 64, 64), (3000, 200, 1, 64, 64), (3000, 33, 2, 96, 32),
+     # weighted sums of value rows that are no whole 16-byte pieces (loaded one by one), and of
+     # two blocks of columns (D + 1 > 72)
+     (3000, 40, 1, 64, 37), (2500, 144, 1, 64, 128)],
 )
 def test_compress_picks_the_cpu_pivots(dtype, n, rank, bins, e, dv):
     """Same seed, same pivots as the CPU code in at least 99% of groups; equal pivots give equal
@@ -54,6 +57,19 @@ def assert_same_compression(gpu, cpu):
         a, b = getattr(gpu, name).cpu()[same].double(), getattr(cpu, name)[same].double()
         scale = b.abs().amax(dim=tuple(range(1, b.dim())), keepdim=True).clamp_min(1.0)
         assert ((a - b).abs() / scale).max() < 2e-4, name
+
+
+def test_compress_reads_values_that_are_not_16_byte_aligned():
+    """Values one element past an aligned allocation: the weighted sums load them one by one (the
+    statistics take their element-wise kernel); same pivots, weights and values as the CPU."""
+    groups, n, rank, e = 8, 3000, 40, 64
+    k = randn(groups, n, e, dtype=torch.bfloat16)
+    storage = randn(groups * n * e + 1, dtype=torch.bfloat16)
+    cpu = wildcat.ops.compress_kv(k, storage[1:].view(groups, n, e), rank, 1, None, None, 5)
+    values = storage.cuda()[1:].view(groups, n, e)
+    assert values.data_ptr() % 16 != 0
+    gpu = wildcat.ops.compress_kv(k.cuda(), values, rank, 1, None, None, 5)
+    assert_same_compression(gpu, cpu)
 
 
 @pytest.mark.parametrize("e", [64, 128])

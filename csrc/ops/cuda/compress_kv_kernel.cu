@@ -113,7 +113,6 @@ void launch_block_pivots(const at::Tensor& points, const float* key_mean, const 
                          PivotWorkspace<T>& ws, cudaStream_t stream) {
   using cuda_t = typename CudaType<scalar_t>::type;
   const int64_t bins_total = groups * num_bins;
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   const size_t fixed = kernels::block_layout<T>(e, ws.slots_max, false, 0, kBlockPivotThreads).bytes;
   TORCH_CHECK(fixed <= max_shared_memory(), "wildcat: block pivoting needs ", fixed,
               " bytes of shared memory for E = ", e, " and ", ws.slots_max, " slots per bin; the device has ",
@@ -139,7 +138,7 @@ void launch_block_pivots(const at::Tensor& points, const float* key_mean, const 
   // The largest cluster (at most the portable 8, at least kBlockMinPoints points per CTA) whose
   // clusters for all bins are resident at once: a bin left for a second wave doubles the time.
   int64_t cluster = 1;
-  if (props->major >= 9) {
+  if (has_cluster_code(kernel)) {
     const int64_t widest = std::clamp<int64_t>(ws.length_max / kBlockMinPoints, 1, 8);
     for (int64_t c = widest; c > 1; --c) {
       attribute.val.clusterDim.x = static_cast<unsigned>(c);
@@ -277,7 +276,6 @@ ResidentPlan plan_resident(const at::Tensor& keys, const at::Tensor& values, int
     return plan;  // 16-bit keys and values only
   } else {
     if (e != dv || (e != 64 && e != 128) || slots_max > kernels::kResidentMaxSlots) return plan;
-    if (at::cuda::getCurrentDeviceProperties()->major < 9) return plan;  // clusters: sm_90
     const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
     if (!aligned(keys) || !aligned(values)) return plan;
     // Two points per thread where the bin fits 8 portable CTAs of 512 points: twice the warps of
@@ -296,6 +294,10 @@ ResidentPlan plan_resident(const at::Tensor& keys, const at::Tensor& values, int
     plan.threads = static_cast<int>(slice / points);
     plan.points = static_cast<int>(points);
     plan.smem = smem;
+    const bool clusters = with_resident_shape(plan, e, [&](auto dim, auto pts) {  // the kernel is sm_90 only
+      return has_cluster_code(kernels::resident_bin_kernel<cuda_t, decltype(dim)::value, decltype(pts)::value>);
+    });
+    if (!clusters) return ResidentPlan{};
     // a cluster beyond the portable 8 CTAs is allowed only where the device can co-schedule it
     if (cluster > 8) {
       const int active = with_resident_shape(plan, e, [&](auto dim, auto pts) {
@@ -410,16 +412,22 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
                                          ws.sq_norm.template const_data_ptr<double>(), ws.max_sq_norm.template const_data_ptr<double>(),
                                          ws.counts.template const_data_ptr<int32_t>(), lengths, n, dv, num_bins, ws.slots_max,
                                          ws.length_max, kWeightsChunk, chunks_max, partial.mutable_data_ptr<double>()};
-    kernels::weights_partial_kernel<cuda_t, T, kWeightsThreads>
-        <<<dim3(groups * num_bins, chunks_max), kWeightsThreads, kernels::weights_smem_bytes<cuda_t>(kWeightsChunk),
-           stream>>>(wp);
+    const bool vector_values = dv % kVec == 0 && reinterpret_cast<uintptr_t>(values.const_data_ptr()) % 16 == 0;
+    const auto weights_kernel = vector_values ? kernels::weights_partial_kernel<cuda_t, T, kWeightsThreads, true>
+                                              : kernels::weights_partial_kernel<cuda_t, T, kWeightsThreads, false>;
+    const size_t weights_smem = kernels::weights_smem_bytes(kWeightsChunk);
+    allow_shared_memory(weights_kernel, weights_smem);
+    weights_kernel<<<dim3(groups * num_bins, chunks_max), kWeightsThreads, weights_smem, stream>>>(wp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     ws.counts.fill_(-1);
   }
 
   // 4. the coreset
-  at::Tensor rhs = at::empty({groups * num_bins, ws.slots_max, dv + 1}, device.dtype(at::kDouble));
+  const int64_t tile_cols = kernels::finalize_tile_cols(groups * num_bins, dv + 1,
+                                                       at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const int64_t finalize_tiles = (dv + 1 + tile_cols - 1) / tile_cols;
+  at::Tensor rhs = at::empty({groups * num_bins, finalize_tiles, ws.slots_max, tile_cols + 1}, device.dtype(at::kDouble));
   at::Tensor scaled = at::empty({groups, kept, dv + 1}, device.dtype(at::kDouble));  // every entry: finalize
   at::Tensor log_scale = at::empty({groups, kept}, device.dtype(at::kDouble));
   kernels::FinalizeParams<cuda_t, T> fp{device_ptr<scalar_t>(values), partial.const_data_ptr<double>(),
@@ -427,10 +435,11 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
                                         ws.max_sq_norm.template const_data_ptr<double>(), ws.pivots.template const_data_ptr<int64_t>(),
                                         ws.counts.template const_data_ptr<int32_t>(), value_min.const_data_ptr<T>(),
                                         value_max.const_data_ptr<T>(), lengths, center_values, n, dv, rank, num_bins, kept,
-                                        ws.slots_max, ws.length_max, sums_chunk, chunks_max,
+                                        ws.slots_max, ws.length_max, sums_chunk, chunks_max, tile_cols,
                                         rhs.mutable_data_ptr<double>(), scaled.mutable_data_ptr<double>(),
                                         log_scale.mutable_data_ptr<double>(), core_indices.mutable_data_ptr<int64_t>()};
-  kernels::finalize_kernel<cuda_t, T, kFinalizeThreads><<<groups * num_bins, kFinalizeThreads, 0, stream>>>(fp);
+  kernels::finalize_kernel<cuda_t, T, kFinalizeThreads>
+      <<<dim3(groups * num_bins, finalize_tiles), kFinalizeThreads, 0, stream>>>(fp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // 5. the outputs, shifted per group where they would overflow

@@ -101,7 +101,7 @@ DecodeGeometry decode_geometry(int64_t groups, int64_t entries, int64_t e, int64
   // its share at once. Clusters (sm_90) of up to the portable 8 CTAs split a group's entries,
   // at least 16 entries each.
   int64_t cluster = 1;
-  if (prop->major >= 9) {
+  if (has_cluster_code(kernels::coreset_decode<cuda_t, T, kQ>)) {
     while (cluster < kernels::kDecodeMaxCluster && groups * cluster * 2 <= prop->multiProcessorCount &&
            entries >= cluster * 2 * 16) {
       cluster *= 2;

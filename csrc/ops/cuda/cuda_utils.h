@@ -58,6 +58,17 @@ void allow_shared_memory(Kernel kernel, size_t bytes) {
   }
 }
 
+// Whether `kernel`'s code has its thread-block-cluster paths (compiled from sm_90 PTX or newer).
+// The device's compute capability alone does not say it: a build for an older architecture runs on
+// an sm_90 GPU through its PTX, JIT-compiled with those paths left out.
+template <typename Kernel>
+bool has_cluster_code(Kernel kernel) {
+  if (at::cuda::getCurrentDeviceProperties()->major < 9) return false;
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  return attributes.ptxVersion >= 90;
+}
+
 inline size_t max_shared_memory() {
   return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
 }
