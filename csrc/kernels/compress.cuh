@@ -532,7 +532,7 @@ __device__ __forceinline__ void dmma_m16n8k8(double (&d)[4], const double (&a)[4
 // kWeightsRows pivots) and values (a block of kWeightsCols columns, the last one the ones column)
 // are staged in shared memory as double; the 8 warps split the block as 4 × 2 and each holds 4 × 5
 // (or 4 × 4) tiles of 8 × 8 sums.
-constexpr int kWeightsSub = 32;                     // points staged at once: 8 steps of k = 4
+constexpr int kWeightsSub = 32;                     // points staged at once: 4 steps of k = 8
 constexpr int kWeightsRows = 128;                   // pivots per block: 16 tiles, 4 per warp row
 constexpr int kWeightsCols = 72;                    // columns per block: 9 tiles over 2 warp columns
 constexpr int kWeightsFactorStride = kWeightsSub + 4;  // ≡ 4 (mod 16) doubles: the A loads of a

@@ -45,7 +45,6 @@ struct ResidentShape {
   static constexpr int kPoints = kPts;
   static constexpr int kSliceMax = kResidentMaxThreads * kPoints;
   static constexpr int kPieces = kE / 8;  // 16-byte pieces per key row
-  static constexpr int kColumnQuads = kE / 4;  // threads per point in the weighted sums
 };
 
 // A CTA's candidate for the next pivot, published for the other CTAs of the cluster.
@@ -125,17 +124,6 @@ __device__ __forceinline__ void unpack8(uint4 raw, float out[8], __half) {
     out[2 * i] = f.x;
     out[2 * i + 1] = f.y;
   }
-}
-__device__ __forceinline__ void unpack4(uint2 raw, float out[4], __nv_bfloat16) {
-  out[0] = __uint_as_float(raw.x << 16), out[1] = __uint_as_float(raw.x & 0xFFFF0000u);
-  out[2] = __uint_as_float(raw.y << 16), out[3] = __uint_as_float(raw.y & 0xFFFF0000u);
-}
-__device__ __forceinline__ void unpack4(uint2 raw, float out[4], __half) {
-  __half2 h0, h1;
-  memcpy(&h0, &raw.x, sizeof h0);
-  memcpy(&h1, &raw.y, sizeof h1);
-  const float2 a = __half22float2(h0), b = __half22float2(h1);
-  out[0] = a.x, out[1] = a.y, out[2] = b.x, out[3] = b.y;
 }
 
 __device__ __forceinline__ void resident_copy_16(void* shared, const void* global) {
@@ -458,12 +446,13 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   // Weighted sums of this slice: Σ_l R_j(l) e^{(s_l - s_ref)/2} [v_l | 1], in double, by blocks of
   // kResidentSlotBlock slots and sub-chunks of kResidentSub points: the products
   // w_j(l) = R_j(l) e^{(s_l - s_ref)/2} of a sub-chunk are formed once (zero for slots past
-  // `count`), then threads own 4 value columns of a range of points.
+  // `count`), then the warps multiply them with the values on the FP64 tensor cores.
   if (count > 0 && own > 0) {
     __syncthreads();  // the key slice is no longer read: the value slice takes its place
     const scalar_t* values = p.values + (g * p.n + start + first) * kE;
-    for (int idx = tid; idx < own * kPieces; idx += blockDim.x) {
-      resident_copy_16(keys_s + idx, values + static_cast<int64_t>(idx) * 8);
+    for (int idx = tid; idx < own * kPieces; idx += blockDim.x) {  // row l's piece k lands in piece k ^ (l % 4)
+      const int l = idx / kPieces, k = idx % kPieces;
+      resident_copy_16(keys_s + l * kPieces + (k ^ (l & 3)), values + static_cast<int64_t>(idx) * 8);
     }
 #pragma unroll
     for (int q = 0; q < kPts; ++q) {
@@ -471,14 +460,13 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     }
     resident_copy_wait();
     __syncthreads();
-    constexpr int kQuads = Shape::kColumnQuads, kBlock = kResidentSlotBlock;
-    const int quad_col = tid % kQuads, group = tid / kQuads, groups = blockDim.x / kQuads;
-    const int per_group = (kResidentSub + groups - 1) / groups;
-    const uint2* values_s = reinterpret_cast<const uint2*>(keys_s);
-    const int warp = tid / 32, warps = blockDim.x / 32;
+    constexpr int kBlock = kResidentSlotBlock, kTiles = kE / 8;
+    static_assert(kBlock == 8 && kResidentSub % 4 == 0, "m8n8k4 steps: 8 slots by 4 points");
+    const scalar_t* values_s = reinterpret_cast<const scalar_t*>(keys_s);
+    const int warp = tid / 32, warps = blockDim.x / 32, slot = lane / 4, step_point = lane % 4;
     double* out = p.partial + ((gb * ranks + rank) * p.slots_max) * (kE + 1);
     for (int jb = 0; jb < count; jb += kBlock) {
-      double acc[kBlock][4] = {};
+      double acc[kTiles][2] = {};  // this warp's sums D(slot, 8 nt + 2 (lane % 4) + h)
       double weight = 0;  // Σ w_j(l) of slot jb + tid % kBlock over this thread's products
       for (int sub = 0; sub < own; sub += kResidentSub) {
         const int sub_len = own - sub < kResidentSub ? own - sub : kResidentSub;
@@ -491,41 +479,30 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
           weight += w;
         }
         __syncthreads();
-        const int l_begin = group * per_group;
-        const int l_end = l_begin + per_group < sub_len ? l_begin + per_group : sub_len;
-        for (int l = l_begin; l < l_end; ++l) {
-          float v[4];
-          unpack4(values_s[(sub + l) * kQuads + quad_col], v, scalar_t{});
-          double vd[4];
+        // Steps of four points, dealt to the warps in turn, on the FP64 tensor cores: A(slot, point)
+        // are the products (zero past the sub-chunk and `count`), B(point, column) the values,
+        // whose swizzled pieces put the step's four rows in distinct banks.
+        for (int l4 = 4 * warp; l4 < sub_len; l4 += 4 * warps) {
+          const int l = l4 + step_point, row = sub + l;
+          const double a = w_s[l * kBlock + slot];
+          const scalar_t* value_row = values_s + row * kE;
 #pragma unroll
-          for (int c = 0; c < 4; ++c) vd[c] = static_cast<double>(v[c]);
-#pragma unroll
-          for (int jj = 0; jj < kBlock; ++jj) {
-            const double w = w_s[l * kBlock + jj];
-#pragma unroll
-            for (int c = 0; c < 4; ++c) acc[jj][c] += w * vd[c];
+          for (int nt = 0; nt < kTiles; ++nt) {
+            const double b = l < sub_len ? static_cast<double>(to_acc(value_row[(nt ^ (row & 3)) * 8 + slot])) : 0.0;
+            dmma_m8n8k4(acc[nt][0], acc[nt][1], a, b);
           }
-        }
-      }
-      // fixed-order sums over the point groups: the pair within a warp (E = 64), then warp by
-      // warp; the weight column over the threads of each slot, in thread order
-      if constexpr (kQuads == 16) {
-#pragma unroll
-        for (int jj = 0; jj < kBlock; ++jj) {
-#pragma unroll
-          for (int c = 0; c < 4; ++c) acc[jj][c] += __shfl_down_sync(0xffffffffu, acc[jj][c], 16);
         }
       }
       __syncthreads();
       w_s[tid] = weight;  // w_s holds kResidentSub * kBlock ≥ kResidentMaxThreads doubles
-      for (int w = 0; w < warps; ++w) {
-        if (warp == w && lane < kQuads) {
+      for (int w = 0; w < warps; ++w) {  // fixed-order sums over the warps
+        if (warp == w) {
 #pragma unroll
-          for (int jj = 0; jj < kBlock; ++jj) {
+          for (int nt = 0; nt < kTiles; ++nt) {
 #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-              double* cell = &sums_s[jj * (kE + 1) + quad_col * 4 + c];
-              *cell = w == 0 ? acc[jj][c] : *cell + acc[jj][c];
+            for (int h = 0; h < 2; ++h) {
+              double* cell = &sums_s[slot * (kE + 1) + nt * 8 + 2 * step_point + h];
+              *cell = w == 0 ? acc[nt][h] : *cell + acc[nt][h];
             }
           }
         }
