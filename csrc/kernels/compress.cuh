@@ -530,10 +530,10 @@ __device__ __forceinline__ void dmma_m16n8k8(double (&d)[4], const double (&a)[4
 // (benchmarks/NOTES.md). A matrix product F V on the FP64 tensor cores, F(j, l) = R_j(l)
 // e^{(s_l - s_ref)/2}: the chunk is walked in pieces of kWeightsSub points whose factors (a block of
 // kWeightsRows pivots) and values (a block of kWeightsCols columns, the last one the ones column)
-// are staged in shared memory as double; the 8 warps split the block as 4 × 2 and each holds 4 × 5
-// (or 4 × 4) tiles of 8 × 8 sums.
+// are staged in shared memory as double; the 8 warps split the block as 4 × 2 and each holds 2 × 5
+// (or 2 × 4) m16n8k8 tiles of 16 × 8 sums.
 constexpr int kWeightsSub = 32;                     // points staged at once: 4 steps of k = 8
-constexpr int kWeightsRows = 128;                   // pivots per block: 16 tiles, 4 per warp row
+constexpr int kWeightsRows = 128;                   // pivots per block: 8 tiles of 16, 2 per warp row
 constexpr int kWeightsCols = 72;                    // columns per block: 9 tiles over 2 warp columns
 constexpr int kWeightsFactorStride = kWeightsSub + 4;  // ≡ 4 (mod 16) doubles: the A loads of a
 constexpr int kWeightsValueStride = kWeightsCols + 4;  // half-warp hit 16 distinct banks, as do B's
