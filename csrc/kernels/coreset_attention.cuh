@@ -42,7 +42,7 @@ struct AttentionParams {
   bool center_values;
   double beta;
   int64_t q_heads, kv_heads, m, r, e, dv;
-  int64_t tiles_per_cta;   // mma kernel: query tiles of kMmaTileRows handled by one CTA
+  int64_t batch_heads;     // tensor-core kernels: B * Hq, the heads whose query tiles the CTAs share
   int query_stages;        // mma kernel: per-warp query buffers (2: the next block loads during this one)
   scalar_t* out;           // (B, Hq, M, D)
 };
@@ -343,10 +343,10 @@ __device__ __forceinline__ float min_keep_nan(float a, float b) {
   return y;
 }
 
-// grid (B * Hq, ceil(tiles / tiles_per_cta)), block 256. The kv head's coreset is loaded into
-// shared memory once, then the CTA walks its query tiles. Fragment layouts are those of the PTX
-// ISA for mma.m16n8k16: lane = 4 * group + quad; a thread holds rows group and group + 8 and
-// columns 2 * quad, 2 * quad + 1 of every 8-column tile.
+// grid (CTAs), block 256. The CTA stages the kv head's coreset in shared memory, then walks its
+// query tiles of that head (and of the next head, if its share of tiles reaches into it).
+// Fragment layouts are those of the PTX ISA for mma.m16n8k16: lane = 4 * group + quad; a thread
+// holds rows group and group + 8 and columns 2 * quad, 2 * quad + 1 of every 8-column tile.
 // E = D = 64 fits two CTAs per SM in shared memory, and in registers (at most 128) too.
 template <typename scalar_t, int kDim>
 __global__ void __launch_bounds__(kMmaWarps * 32, kDim == 64 ? 2 : 1)
@@ -377,279 +377,297 @@ __global__ void __launch_bounds__(kMmaWarps * 32, kDim == 64 ? 2 : 1)
   const unsigned rows_address = static_cast<unsigned>(__cvta_generic_to_shared(rows_s));
   constexpr unsigned kBufferBytes = 16 * kQueryStride * 2;
 
-  const int64_t bh = blockIdx.x;
-  const int64_t batch = bh / p.q_heads, head = bh % p.q_heads;
-  const int64_t kvh = batch * p.kv_heads + head / (p.q_heads / p.kv_heads);
+  // The CTA's share of the (head, query tile) items, heads major: contiguous, and balanced to
+  // within one item, so that one wave of CTAs covers the launch whatever the head count. Each run
+  // of one head's tiles (a segment) stages that head's coreset.
   const int64_t tiles = (p.m + kMmaTileRows - 1) / kMmaTileRows;
-  const int64_t tile_first = blockIdx.y * p.tiles_per_cta;
-  const int64_t tile_last = tile_first + p.tiles_per_cta < tiles ? tile_first + p.tiles_per_cta : tiles;
-  // The warp's 16 rows of a tile: row0 + 0..15. Lane l copies piece l % kPieces (16 bytes) of rows
-  // row0 + l / kPieces + kRowStep i; the per-lane parts of the addresses are formed once here.
-  constexpr int kRowStep = 32 / kPieces;
-  const int lane_row = lane / kPieces, lane_part = lane % kPieces;
-  const scalar_t* query_lane = p.query + (bh * p.m + lane_row) * kDim + lane_part * 8;
-  scalar_t* out_lane = p.out + (bh * p.m + lane_row) * kDim + lane_part * 8;
-  const unsigned buffer_lane = (lane_row * kQueryStride + lane_part * 8) * 2;  // bytes into a buffer
-  auto block_row0 = [&](int64_t tile) { return tile * kMmaTileRows + warp * 16; };
-  auto load_block = [&](int64_t tile, int buffer) {
-    const int64_t row0 = block_row0(tile);
+  const int64_t items = p.batch_heads * tiles;
+  const int64_t item_last = (blockIdx.x + 1) * items / gridDim.x;
+  for (int64_t item = blockIdx.x * items / gridDim.x; item < item_last;) {
+    const int64_t bh = item / tiles;
+    const int64_t tile_first = item % tiles;
+    const int64_t tile_last = tile_first + (item_last - item) < tiles ? tile_first + (item_last - item) : tiles;
+    item += tile_last - tile_first;
+    __syncthreads();  // every warp is done with the previous segment's coreset
+    const int64_t batch = bh / p.q_heads, head = bh % p.q_heads;
+    const int64_t kvh = batch * p.kv_heads + head / (p.q_heads / p.kv_heads);
+    // The warp's 16 rows of a tile: row0 + 0..15. Lane l copies piece l % kPieces (16 bytes) of rows
+    // row0 + l / kPieces + kRowStep i; the per-lane parts of the addresses are formed once here.
+    constexpr int kRowStep = 32 / kPieces;
+    const int lane_row = lane / kPieces, lane_part = lane % kPieces;
+    const scalar_t* query_lane = p.query + (bh * p.m + lane_row) * kDim + lane_part * 8;
+    scalar_t* out_lane = p.out + (bh * p.m + lane_row) * kDim + lane_part * 8;
+    const unsigned buffer_lane = (lane_row * kQueryStride + lane_part * 8) * 2;  // bytes into a buffer
+    auto block_row0 = [&](int64_t tile) { return tile * kMmaTileRows + warp * 16; };
+    auto load_block = [&](int64_t tile, int buffer) {
+      const int64_t row0 = block_row0(tile);
 #pragma unroll
-    for (int i = 0; i < 16 / kRowStep; ++i) {
-      const int64_t row = row0 + kRowStep * i;
-      const bool valid = row + lane_row < p.m;
-      copy_async_16_or_zero(rows_address + buffer * kBufferBytes + buffer_lane + kRowStep * i * kQueryStride * 2,
-                            valid ? query_lane + row * kDim : p.query, valid);
-    }
-    asm volatile("cp.async.commit_group;\n" ::);
-  };
-  // the first block's copies go out before the coreset is staged, which overlaps their latency
-  if (tile_first < tile_last) load_block(tile_first, 0);
+      for (int i = 0; i < 16 / kRowStep; ++i) {
+        const int64_t row = row0 + kRowStep * i;
+        const bool valid = row + lane_row < p.m;
+        copy_async_16_or_zero(rows_address + buffer * kBufferBytes + buffer_lane + kRowStep * i * kQueryStride * 2,
+                              valid ? query_lane + row * kDim : p.query, valid);
+      }
+      asm volatile("cp.async.commit_group;\n" ::);
+    };
+    // the first block's copies go out before the coreset is staged, which overlaps their latency
+    if (tile_first < tile_last) load_block(tile_first, 0);
 
-  // Stage the coreset (padding slots: zero key, value and weight; masked from the softmax), with
-  // kBatch loads in flight per thread: the staging is a fixed cost per CTA. Each thread owns one
-  // value column. First the largest magnitude of each value column and of the weights
-  // (non-negative floats order as their bit patterns; a NaN wins, which leaves the column
-  // unscaled), then the float16 columns scaled by their powers of two.
-  const float* values = p.values + kvh * p.r * kDim;
-  const float* weights = p.weights + kvh * p.r;
-  const scalar_t* keys = p.keys + kvh * p.r * kDim;
-  constexpr int kRowsPerPass = kThreads / kDim;  // rows of the values covered by one pass of the block
-  const int col = threadIdx.x % kDim, row_first = threadIdx.x / kDim;
-  unsigned* peak_s = reinterpret_cast<unsigned*>(unscale_s);
-  for (int c = threadIdx.x; c < kValueCols; c += kThreads) peak_s[c] = 0u;
-  __syncthreads();
-  float peak = 0.0f;
-  for (int s = row_first; s < r; s += kRowsPerPass * kBatch) {
-    float x[kBatch];
+    // Stage the coreset (padding slots: zero key, value and weight; masked from the softmax), with
+    // kBatch loads in flight per thread: the staging is a fixed cost per CTA. Each thread owns one
+    // value column. First the largest magnitude of each value column and of the weights
+    // (non-negative floats order as their bit patterns; a NaN wins, which leaves the column
+    // unscaled), then the float16 columns scaled by their powers of two.
+    const float* values = p.values + kvh * p.r * kDim;
+    const float* weights = p.weights + kvh * p.r;
+    const scalar_t* keys = p.keys + kvh * p.r * kDim;
+    constexpr int kRowsPerPass = kThreads / kDim;  // rows of the values covered by one pass of the block
+    const int col = threadIdx.x % kDim, row_first = threadIdx.x / kDim;
+    unsigned* peak_s = reinterpret_cast<unsigned*>(unscale_s);
+    for (int c = threadIdx.x; c < kValueCols; c += kThreads) peak_s[c] = 0u;
+    __syncthreads();
+    float peak = 0.0f;
+    for (int s = row_first; s < r; s += kRowsPerPass * kBatch) {
+      float x[kBatch];
 #pragma unroll
-    for (int j = 0; j < kBatch; ++j) x[j] = s + j * kRowsPerPass < r ? values[(s + j * kRowsPerPass) * kDim + col] : 0.0f;
+      for (int j = 0; j < kBatch; ++j) {
+        x[j] = s + j * kRowsPerPass < r ? values[(s + j * kRowsPerPass) * kDim + col] : 0.0f;
+      }
 #pragma unroll
-    for (int j = 0; j < kBatch; ++j) peak = max_keep_nan(peak, fabsf(x[j]));
-  }
-  atomicMax(&peak_s[col], __float_as_uint(peak));
-  float weight_peak = 0.0f;
-  for (int s = threadIdx.x; s < r; s += kThreads) weight_peak = max_keep_nan(weight_peak, fabsf(weights[s]));
-  atomicMax(&peak_s[kDim], __float_as_uint(weight_peak));
-  __syncthreads();
-  for (int c = threadIdx.x; c < kValueCols; c += kThreads) {
-    const int k = half_scale_exponent(__uint_as_float(peak_s[c]));  // read before unscale_s[c] replaces it
-    scale_s[c] = ldexpf(1.0f, k);
-    unscale_s[c] = ldexpf(1.0f, -k);
-  }
-  __syncthreads();
-  const float column_scale = scale_s[col];
-  for (int s = row_first; s < rp; s += kRowsPerPass * kBatch) {
-    float x[kBatch];
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) x[j] = s + j * kRowsPerPass < r ? values[(s + j * kRowsPerPass) * kDim + col] : 0.0f;
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      if (s + j * kRowsPerPass < rp) values_s[(s + j * kRowsPerPass) * kValueCols + col] = __float2half_rn(x[j] * column_scale);
+      for (int j = 0; j < kBatch; ++j) peak = max_keep_nan(peak, fabsf(x[j]));
     }
-  }
-  for (int i = threadIdx.x; i < rp * 8; i += kThreads) {
-    const int s = i / 8, c = kDim + i % 8;
-    values_s[s * kValueCols + c] = __float2half_rn(c == kDim && s < r ? weights[s] * scale_s[kDim] : 0.0f);
-  }
-  // keys: 16-byte pieces (8 columns), each scattered as four 32-bit words to mma_key_position
-  for (int t = threadIdx.x; t < rp * kPieces; t += kThreads * kBatch) {
-    uint4 x[kBatch];
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int piece = t + j * kThreads;
-      x[j] = piece < r * kPieces ? reinterpret_cast<const uint4*>(keys)[piece] : make_uint4(0u, 0u, 0u, 0u);
+    atomicMax(&peak_s[col], __float_as_uint(peak));
+    float weight_peak = 0.0f;
+    for (int s = threadIdx.x; s < r; s += kThreads) weight_peak = max_keep_nan(weight_peak, fabsf(weights[s]));
+    atomicMax(&peak_s[kDim], __float_as_uint(weight_peak));
+    __syncthreads();
+    for (int c = threadIdx.x; c < kValueCols; c += kThreads) {
+      const int k = half_scale_exponent(__uint_as_float(peak_s[c]));  // read before unscale_s[c] replaces it
+      scale_s[c] = ldexpf(1.0f, k);
+      unscale_s[c] = ldexpf(1.0f, -k);
     }
+    __syncthreads();
+    const float column_scale = scale_s[col];
+    for (int s = row_first; s < rp; s += kRowsPerPass * kBatch) {
+      float x[kBatch];
 #pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int piece = t + j * kThreads;
-      if (piece < rp * kPieces) {
-        uint32_t* row = reinterpret_cast<uint32_t*>(keys_s + piece / kPieces * kKeyStride);
-        const int c = piece % kPieces * 8;
-        row[mma_key_position(c) / 2] = x[j].x;
-        row[mma_key_position(c + 2) / 2] = x[j].y;
-        row[mma_key_position(c + 4) / 2] = x[j].z;
-        row[mma_key_position(c + 6) / 2] = x[j].w;
+      for (int j = 0; j < kBatch; ++j) {
+        x[j] = s + j * kRowsPerPass < r ? values[(s + j * kRowsPerPass) * kDim + col] : 0.0f;
+      }
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        if (s + j * kRowsPerPass < rp) {
+          values_s[(s + j * kRowsPerPass) * kValueCols + col] = __float2half_rn(x[j] * column_scale);
+        }
       }
     }
-  }
-  for (int c = threadIdx.x; c < kDim; c += kThreads) {
-    vmin_s[c] = p.value_min ? p.value_min[kvh * kDim + c] : -INFINITY;
-    vmax_s[c] = p.value_max ? p.value_max[kvh * kDim + c] : INFINITY;
-  }
-  __syncthreads();
-  // exp(β x) = exp2(x β log2 e); β > 0 (checked by the op), so the running maximum of the raw
-  // logits is that of the scaled ones. A β below float range becomes the least normal float:
-  // finite logits still give exp2(~0) = 1, and the padding's -inf gives 0 rather than NaN.
-  const float scale_log2 = fmaxf(static_cast<float>(p.beta * 1.4426950408889634), FLT_MIN);
-  const unsigned values_address = static_cast<unsigned>(__cvta_generic_to_shared(values_s));
-  // ldmatrix rows for V̂ (.trans): lane l addresses key 16 kk + l % 16 at columns 8 (t + l / 16)
-  // (b0, b1 of tile t, then of tile t + 1)
-  const unsigned value_lane = ((lane % 16) * kValueCols + 8 * (lane / 16)) * 2;
-  // the B fragments of the keys: key 8 n + group, the words of this quad (mma_key_position)
-  const unsigned keys_address = static_cast<unsigned>(__cvta_generic_to_shared(keys_s));
-  const unsigned key_lane = (group * kKeyStride + quad * 8) * 2;
-
-  for (int64_t tile = tile_first; tile < tile_last; ++tile) {
-    const int buffer = p.query_stages == 2 ? static_cast<int>((tile - tile_first) % 2) : 0;
-    const bool prefetch = p.query_stages == 2 && tile + 1 < tile_last;
-    if (prefetch) load_block(tile + 1, buffer ^ 1);  // in flight while this block computes
-    if (prefetch) {
-      asm volatile("cp.async.wait_group 1;\n" ::);
-    } else {
-      asm volatile("cp.async.wait_group 0;\n" ::);
+    for (int i = threadIdx.x; i < rp * 8; i += kThreads) {
+      const int s = i / 8, c = kDim + i % 8;
+      values_s[s * kValueCols + c] = __float2half_rn(c == kDim && s < r ? weights[s] * scale_s[kDim] : 0.0f);
     }
-    __syncwarp();
-    const unsigned block_address = rows_address + buffer * kBufferBytes;
-    uint32_t qa[kSteps][4];
+    // keys: 16-byte pieces (8 columns), each scattered as four 32-bit words to mma_key_position
+    for (int t = threadIdx.x; t < rp * kPieces; t += kThreads * kBatch) {
+      uint4 x[kBatch];
 #pragma unroll
-    for (int k = 0; k < kSteps; ++k) {  // lane l addresses row l % 16, columns 16 k + 8 (l / 16)
-      ldmatrix_x4(qa[k], block_address + ((lane % 16) * kQueryStride + 16 * k + 8 * (lane / 16)) * 2);
-    }
-    float acc[kTiles + 1][4];  // tile kTiles: column 0 is Σ P w
-#pragma unroll
-    for (int n = 0; n <= kTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-    float row_max[2] = {-INFINITY, -INFINITY};
-
-    for (int s0 = 0; s0 < rp; s0 += kMmaChunk) {
-      float sc[kMmaChunk / 8][4];  // logits of the chunk's keys, in tiles of 8
-      // One 16-byte load holds b0, b1 of two k-steps. The loads are volatile, as the mma are, so
-      // they stay in this order: the next tile's keys are in flight while this tile multiplies.
-      const unsigned krow = keys_address + (s0 * kKeyStride) * 2 + key_lane;
-      uint4 b[kSteps / 2], next[kSteps / 2];
-#pragma unroll
-      for (int k = 0; k < kSteps / 2; ++k) b[k] = load_shared_16(krow + k * 64);
-#pragma unroll
-      for (int n = 0; n < kMmaChunk / 8; ++n) {
-        if (n + 1 < kMmaChunk / 8) {
-#pragma unroll
-          for (int k = 0; k < kSteps / 2; ++k) next[k] = load_shared_16(krow + (8 * (n + 1) * kKeyStride) * 2 + k * 64);
-        }
-        sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
-#pragma unroll
-        for (int k = 0; k < kSteps; k += 2) {
-          mma_16x8x16<scalar_t>(sc[n], qa[k], b[k / 2].x, b[k / 2].y);
-          mma_16x8x16<scalar_t>(sc[n], qa[k + 1], b[k / 2].z, b[k / 2].w);
-        }
-#pragma unroll
-        for (int k = 0; k < kSteps / 2; ++k) b[k] = next[k];
+      for (int j = 0; j < kBatch; ++j) {
+        const int piece = t + j * kThreads;
+        x[j] = piece < r * kPieces ? reinterpret_cast<const uint4*>(keys)[piece] : make_uint4(0u, 0u, 0u, 0u);
       }
-      // online softmax in base 2 on the raw logits (the scale is positive); padding slots, only
-      // in a last partial chunk, get -inf
-      if (s0 + kMmaChunk > r) {
-        const int live = r - s0 - 2 * quad;  // this lane's slots 8 n + (v & 1) below it are real
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        const int piece = t + j * kThreads;
+        if (piece < rp * kPieces) {
+          uint32_t* row = reinterpret_cast<uint32_t*>(keys_s + piece / kPieces * kKeyStride);
+          const int c = piece % kPieces * 8;
+          row[mma_key_position(c) / 2] = x[j].x;
+          row[mma_key_position(c + 2) / 2] = x[j].y;
+          row[mma_key_position(c + 4) / 2] = x[j].z;
+          row[mma_key_position(c + 6) / 2] = x[j].w;
+        }
+      }
+    }
+    for (int c = threadIdx.x; c < kDim; c += kThreads) {
+      vmin_s[c] = p.value_min ? p.value_min[kvh * kDim + c] : -INFINITY;
+      vmax_s[c] = p.value_max ? p.value_max[kvh * kDim + c] : INFINITY;
+    }
+    __syncthreads();
+    // exp(β x) = exp2(x β log2 e); β > 0 (checked by the op), so the running maximum of the raw
+    // logits is that of the scaled ones. A β below float range becomes the least normal float:
+    // finite logits still give exp2(~0) = 1, and the padding's -inf gives 0 rather than NaN.
+    const float scale_log2 = fmaxf(static_cast<float>(p.beta * 1.4426950408889634), FLT_MIN);
+    const unsigned values_address = static_cast<unsigned>(__cvta_generic_to_shared(values_s));
+    // ldmatrix rows for V̂ (.trans): lane l addresses key 16 kk + l % 16 at columns 8 (t + l / 16)
+    // (b0, b1 of tile t, then of tile t + 1)
+    const unsigned value_lane = ((lane % 16) * kValueCols + 8 * (lane / 16)) * 2;
+    // the B fragments of the keys: key 8 n + group, the words of this quad (mma_key_position)
+    const unsigned keys_address = static_cast<unsigned>(__cvta_generic_to_shared(keys_s));
+    const unsigned key_lane = (group * kKeyStride + quad * 8) * 2;
+
+    for (int64_t tile = tile_first; tile < tile_last; ++tile) {
+      const int buffer = p.query_stages == 2 ? static_cast<int>((tile - tile_first) % 2) : 0;
+      const bool prefetch = p.query_stages == 2 && tile + 1 < tile_last;
+      if (prefetch) load_block(tile + 1, buffer ^ 1);  // in flight while this block computes
+      if (prefetch) {
+        asm volatile("cp.async.wait_group 1;\n" ::);
+      } else {
+        asm volatile("cp.async.wait_group 0;\n" ::);
+      }
+      __syncwarp();
+      const unsigned block_address = rows_address + buffer * kBufferBytes;
+      uint32_t qa[kSteps][4];
+#pragma unroll
+      for (int k = 0; k < kSteps; ++k) {  // lane l addresses row l % 16, columns 16 k + 8 (l / 16)
+        ldmatrix_x4(qa[k], block_address + ((lane % 16) * kQueryStride + 16 * k + 8 * (lane / 16)) * 2);
+      }
+      float acc[kTiles + 1][4];  // tile kTiles: column 0 is Σ P w
+#pragma unroll
+      for (int n = 0; n <= kTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+      float row_max[2] = {-INFINITY, -INFINITY};
+
+      for (int s0 = 0; s0 < rp; s0 += kMmaChunk) {
+        float sc[kMmaChunk / 8][4];  // logits of the chunk's keys, in tiles of 8
+        // One 16-byte load holds b0, b1 of two k-steps. The loads are volatile, as the mma are, so
+        // they stay in this order: the next tile's keys are in flight while this tile multiplies.
+        const unsigned krow = keys_address + (s0 * kKeyStride) * 2 + key_lane;
+        uint4 b[kSteps / 2], next[kSteps / 2];
+#pragma unroll
+        for (int k = 0; k < kSteps / 2; ++k) b[k] = load_shared_16(krow + k * 64);
+#pragma unroll
+        for (int n = 0; n < kMmaChunk / 8; ++n) {
+          if (n + 1 < kMmaChunk / 8) {
+#pragma unroll
+            for (int k = 0; k < kSteps / 2; ++k) {
+              next[k] = load_shared_16(krow + (8 * (n + 1) * kKeyStride) * 2 + k * 64);
+            }
+          }
+          sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
+#pragma unroll
+          for (int k = 0; k < kSteps; k += 2) {
+            mma_16x8x16<scalar_t>(sc[n], qa[k], b[k / 2].x, b[k / 2].y);
+            mma_16x8x16<scalar_t>(sc[n], qa[k + 1], b[k / 2].z, b[k / 2].w);
+          }
+#pragma unroll
+          for (int k = 0; k < kSteps / 2; ++k) b[k] = next[k];
+        }
+        // online softmax in base 2 on the raw logits (the scale is positive); padding slots, only
+        // in a last partial chunk, get -inf
+        if (s0 + kMmaChunk > r) {
+          const int live = r - s0 - 2 * quad;  // this lane's slots 8 n + (v & 1) below it are real
+#pragma unroll
+          for (int n = 0; n < kMmaChunk / 8; ++n) {
+#pragma unroll
+            for (int v = 0; v < 4; ++v) sc[n][v] = 8 * n + (v & 1) < live ? sc[n][v] : -INFINITY;
+          }
+        }
+        float chunk_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int n = 0; n < kMmaChunk / 8; ++n) {
 #pragma unroll
-          for (int v = 0; v < 4; ++v) sc[n][v] = 8 * n + (v & 1) < live ? sc[n][v] : -INFINITY;
+          for (int v = 0; v < 4; ++v) chunk_max[v / 2] = fmaxf(chunk_max[v / 2], sc[n][v]);
         }
-      }
-      float chunk_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int n = 0; n < kMmaChunk / 8; ++n) {
-#pragma unroll
-        for (int v = 0; v < 4; ++v) chunk_max[v / 2] = fmaxf(chunk_max[v / 2], sc[n][v]);
-      }
-      // The running maximum (scaled) moves on the first chunk and then only when some row of the
-      // warp exceeds it by more than kRescaleSlack: any offset gives the same quotient, and
-      // P = 2^(x - max) ≤ 2^kRescaleSlack stays far inside float16, so most chunks skip the
-      // rescaling of the accumulators.
-      float top[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        chunk_max[h] = fmaxf(chunk_max[h], __shfl_xor_sync(0xffffffffu, chunk_max[h], 1));
-        chunk_max[h] = fmaxf(chunk_max[h], __shfl_xor_sync(0xffffffffu, chunk_max[h], 2));
-        top[h] = chunk_max[h] * scale_log2;
-      }
-      if (s0 == 0) {
-        row_max[0] = top[0];
-        row_max[1] = top[1];
-      } else if (__any_sync(0xffffffffu, top[0] > row_max[0] + kRescaleSlack || top[1] > row_max[1] + kRescaleSlack)) {
+        // The running maximum (scaled) moves on the first chunk and then only when some row of the
+        // warp exceeds it by more than kRescaleSlack: any offset gives the same quotient, and
+        // P = 2^(x - max) ≤ 2^kRescaleSlack stays far inside float16, so most chunks skip the
+        // rescaling of the accumulators.
+        float top[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const float new_max = fmaxf(row_max[h], top[h]);
-          const float correction = exp2_flush(row_max[h] - new_max);
-          row_max[h] = new_max;
+          chunk_max[h] = fmaxf(chunk_max[h], __shfl_xor_sync(0xffffffffu, chunk_max[h], 1));
+          chunk_max[h] = fmaxf(chunk_max[h], __shfl_xor_sync(0xffffffffu, chunk_max[h], 2));
+          top[h] = chunk_max[h] * scale_log2;
+        }
+        if (s0 == 0) {
+          row_max[0] = top[0];
+          row_max[1] = top[1];
+        } else if (__any_sync(0xffffffffu,
+                              top[0] > row_max[0] + kRescaleSlack || top[1] > row_max[1] + kRescaleSlack)) {
 #pragma unroll
-          for (int n = 0; n <= kTiles; ++n) {
-            acc[n][2 * h] *= correction;
-            acc[n][2 * h + 1] *= correction;
+          for (int h = 0; h < 2; ++h) {
+            const float new_max = fmaxf(row_max[h], top[h]);
+            const float correction = exp2_flush(row_max[h] - new_max);
+            row_max[h] = new_max;
+#pragma unroll
+            for (int n = 0; n <= kTiles; ++n) {
+              acc[n][2 * h] *= correction;
+              acc[n][2 * h + 1] *= correction;
+            }
           }
         }
-      }
-      const float neg_max[2] = {-row_max[0], -row_max[1]};  // the exponent's offset
-      // P in float16 as the A fragments of m16n8k16: the logits' accumulator tiles 2 kk and
-      // 2 kk + 1 are exactly the fragment of the 16-key step kk (formed step by step, so that
-      // the logits die as they are used)
+        const float neg_max[2] = {-row_max[0], -row_max[1]};  // the exponent's offset
+        // P in float16 as the A fragments of m16n8k16: the logits' accumulator tiles 2 kk and
+        // 2 kk + 1 are exactly the fragment of the 16-key step kk (formed step by step, so that
+        // the logits die as they are used)
 #pragma unroll
-      for (int kk = 0; kk < kMmaChunk / 16; ++kk) {
-        uint32_t pa[4];
+        for (int kk = 0; kk < kMmaChunk / 16; ++kk) {
+          uint32_t pa[4];
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const float* t = sc[2 * kk + half];
-          pa[2 * half] = half_pair(exp2_flush(fmaf(t[0], scale_log2, neg_max[0])),
-                                   exp2_flush(fmaf(t[1], scale_log2, neg_max[0])));
-          pa[2 * half + 1] = half_pair(exp2_flush(fmaf(t[2], scale_log2, neg_max[1])),
-                                       exp2_flush(fmaf(t[3], scale_log2, neg_max[1])));
+          for (int half = 0; half < 2; ++half) {
+            const float* t = sc[2 * kk + half];
+            pa[2 * half] = half_pair(exp2_flush(fmaf(t[0], scale_log2, neg_max[0])),
+                                     exp2_flush(fmaf(t[1], scale_log2, neg_max[0])));
+            pa[2 * half + 1] = half_pair(exp2_flush(fmaf(t[2], scale_log2, neg_max[1])),
+                                         exp2_flush(fmaf(t[3], scale_log2, neg_max[1])));
+          }
+          const unsigned vrow = values_address + ((s0 + 16 * kk) * kValueCols) * 2 + value_lane;
+#pragma unroll
+          for (int t = 0; t < kTiles; t += 2) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, vrow + 8 * t * 2);
+            mma_16x8x16<__half>(acc[t], pa, b[0], b[1]);
+            mma_16x8x16<__half>(acc[t + 1], pa, b[2], b[3]);
+          }
+          uint32_t b[2];  // the weights' tile (x2 reads the addresses of lanes 0..15)
+          ldmatrix_x2_trans(b, vrow + 8 * kTiles * 2);
+          mma_16x8x16<__half>(acc[kTiles], pa, b[0], b[1]);
         }
-        const unsigned vrow = values_address + ((s0 + 16 * kk) * kValueCols) * 2 + value_lane;
-#pragma unroll
-        for (int t = 0; t < kTiles; t += 2) {
-          uint32_t b[4];
-          ldmatrix_x4_trans(b, vrow + 8 * t * 2);
-          mma_16x8x16<__half>(acc[t], pa, b[0], b[1]);
-          mma_16x8x16<__half>(acc[t + 1], pa, b[2], b[3]);
-        }
-        uint32_t b[2];  // the weights' tile (x2 reads the addresses of lanes 0..15)
-        ldmatrix_x2_trans(b, vrow + 8 * kTiles * 2);
-        mma_16x8x16<__half>(acc[kTiles], pa, b[0], b[1]);
       }
-    }
-    // Σ P w of rows group and group + 8 sits in column 0 of the weights' tile, at quad 0. The
-    // epilogue of finish(), with one reciprocal per row instead of a division per entry.
-    float inverse[2];
-    bool positive[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float den = __shfl_sync(0xffffffffu, acc[kTiles][2 * h], lane & ~3) * unscale_s[kDim];
-      positive[h] = den > static_cast<float>(kDenominatorFloor);
-      inverse[h] = 1.0f / den;
-    }
-    // The output block goes through this block's query buffer (its fragments are in registers):
-    // 32-bit pairs in, then whole 16-byte pieces of each row out to global memory.
-    __syncwarp();
-    uint32_t* out_s = reinterpret_cast<uint32_t*>(rows_s + buffer * 16 * kQueryStride);
-#pragma unroll
-    for (int d = 0; d < kTiles; ++d) {
-      const int c = 8 * d + 2 * quad;
-      const float2 lo = *reinterpret_cast<const float2*>(vmin_s + c);
-      const float2 hi = *reinterpret_cast<const float2*>(vmax_s + c);
-      const float2 u = *reinterpret_cast<const float2*>(unscale_s + c);
+      // Σ P w of rows group and group + 8 sits in column 0 of the weights' tile, at quad 0. The
+      // epilogue of finish(), with one reciprocal per row instead of a division per entry.
+      float inverse[2];
+      bool positive[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float y0 = positive[h] ? acc[d][2 * h] * u.x * inverse[h] : 0.0f;
-        float y1 = positive[h] ? acc[d][2 * h + 1] * u.y * inverse[h] : 0.0f;
-        if (p.center_values) {
-          y0 += (lo.x + hi.x) / 2;
-          y1 += (lo.y + hi.y) / 2;
-        }
-        y0 = min_keep_nan(max_keep_nan(y0, lo.x), hi.x);  // bounds absent: -inf and inf
-        y1 = min_keep_nan(max_keep_nan(y1, lo.y), hi.y);
-        out_s[((group + 8 * h) * kQueryStride + c) / 2] = pack_pair(store_as<scalar_t>(y0), store_as<scalar_t>(y1));
+        const float den = __shfl_sync(0xffffffffu, acc[kTiles][2 * h], lane & ~3) * unscale_s[kDim];
+        positive[h] = den > static_cast<float>(kDenominatorFloor);
+        inverse[h] = 1.0f / den;
       }
-    }
-    __syncwarp();
-    const int64_t row0 = block_row0(tile);
+      // The output block goes through this block's query buffer (its fragments are in registers):
+      // 32-bit pairs in, then whole 16-byte pieces of each row out to global memory.
+      __syncwarp();
+      uint32_t* out_s = reinterpret_cast<uint32_t*>(rows_s + buffer * 16 * kQueryStride);
 #pragma unroll
-    for (int i = 0; i < 16 / kRowStep; ++i) {
-      const int64_t row = row0 + kRowStep * i;
-      if (row + lane_row < p.m) {
-        *reinterpret_cast<uint4*>(out_lane + row * kDim) = *reinterpret_cast<const uint4*>(
-            reinterpret_cast<const unsigned char*>(rows_s) + buffer * kBufferBytes + buffer_lane +
-            kRowStep * i * kQueryStride * 2);
+      for (int d = 0; d < kTiles; ++d) {
+        const int c = 8 * d + 2 * quad;
+        const float2 lo = *reinterpret_cast<const float2*>(vmin_s + c);
+        const float2 hi = *reinterpret_cast<const float2*>(vmax_s + c);
+        const float2 u = *reinterpret_cast<const float2*>(unscale_s + c);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float y0 = positive[h] ? acc[d][2 * h] * u.x * inverse[h] : 0.0f;
+          float y1 = positive[h] ? acc[d][2 * h + 1] * u.y * inverse[h] : 0.0f;
+          if (p.center_values) {
+            y0 += (lo.x + hi.x) / 2;
+            y1 += (lo.y + hi.y) / 2;
+          }
+          y0 = min_keep_nan(max_keep_nan(y0, lo.x), hi.x);  // bounds absent: -inf and inf
+          y1 = min_keep_nan(max_keep_nan(y1, lo.y), hi.y);
+          out_s[((group + 8 * h) * kQueryStride + c) / 2] = pack_pair(store_as<scalar_t>(y0), store_as<scalar_t>(y1));
+        }
       }
+      __syncwarp();
+      const int64_t row0 = block_row0(tile);
+#pragma unroll
+      for (int i = 0; i < 16 / kRowStep; ++i) {
+        const int64_t row = row0 + kRowStep * i;
+        if (row + lane_row < p.m) {
+          *reinterpret_cast<uint4*>(out_lane + row * kDim) = *reinterpret_cast<const uint4*>(
+              reinterpret_cast<const unsigned char*>(rows_s) + buffer * kBufferBytes + buffer_lane +
+              kRowStep * i * kQueryStride * 2);
+        }
+      }
+      __syncwarp();  // the buffer is free for the block after next (or, with one stage, the next)
+      if (p.query_stages == 1 && tile + 1 < tile_last) load_block(tile + 1, 0);
     }
-    __syncwarp();  // the buffer is free for the block after next (or, with one stage, the next)
-    if (p.query_stages == 1 && tile + 1 < tile_last) load_block(tile + 1, 0);
   }
 }
 

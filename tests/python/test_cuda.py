@@ -227,6 +227,30 @@ def test_tensor_core_attention_keeps_every_value_column_relative(e):
     assert err <= 2 * err_plain, (float(err), float(err_plain))
 
 
+@pytest.mark.parametrize("e", [64, 128])
+def test_tensor_core_attention_over_many_query_tiles(e):
+    """The tensor-core kernel's CTAs share 32 heads' query tiles (several tiles per CTA, the next
+    one's rows copied while this one computes; shares that cross from one head into the next, which
+    stage a second coreset), a last tile of one row, 32 heads over 8 kv heads and a padded last key
+    chunk (r = 100): the 2x rule, and the last row against the same row computed alone."""
+    dtype = torch.bfloat16
+    q = randn(1, 32, 4097, e, dtype=dtype)
+    keys = randn(1, 8, 100, e, dtype=dtype)
+    values = randn(1, 8, 100, e)
+    weights = torch.rand(1, 8, 100) * 1.5 - 0.25
+    vmin, vmax = values.amin(-2) - 1, values.amax(-2) + 1
+    args = to("cuda", keys, values, weights)
+    out = wildcat.ops.coreset_attention(q.cuda(), *args, None, vmin.cuda(), vmax.cuda()).cpu()
+    exact64 = ref.coreset_attention(q.double(), keys.double(), values.double(), weights.double(), None,
+                                    vmin.double(), vmax.double())
+    plain = ref.coreset_attention(q, keys, values, weights, None, vmin, vmax)
+    err = (out.double() - exact64).abs().max()
+    err_plain = (plain.double() - exact64).abs().max()
+    assert err <= 2 * err_plain, (float(err), float(err_plain))
+    alone = wildcat.ops.coreset_attention(q[:, :, -1:].cuda(), *args, None, vmin.cuda(), vmax.cuda()).cpu()
+    torch.testing.assert_close(out[:, :, -1:], alone, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("m,e", [(1, 64), (64, 64), (64, 32), (70, 128)])
 def test_attention_reads_strided_entry_views(dtype, m, e):

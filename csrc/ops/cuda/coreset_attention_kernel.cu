@@ -228,6 +228,7 @@ void attend_typed(const at::Tensor& q, const at::Tensor& k_view, const at::Tenso
   // (benchmarks/NOTES.md), so float16 takes the general kernel.
   if constexpr (std::is_same_v<cuda_t, __nv_bfloat16>) {
     const bool dim64 = e == 64 && dv == 64, dim128 = e == 128 && dv == 128;
+    const cudaDeviceProp* device = at::cuda::getCurrentDeviceProperties();
     // two query buffers per warp (the next block loads while this one computes) where shared
     // memory allows, else one
     auto smem_for = [&](int stages) {
@@ -243,16 +244,20 @@ void attend_typed(const at::Tensor& q, const at::Tensor& k_view, const at::Tenso
       // the kernel reads the keys in 16-byte pieces too (a fresh allocation is aligned)
       const at::Tensor keys = reinterpret_cast<uintptr_t>(k.const_data_ptr()) % 16 == 0 ? k : k.clone();
       auto p = attention_params<scalar_t, float>(q, keys, v, w, lo, hi, center_values, beta, q_heads, kv_heads, out);
-      // enough query tiles per CTA that the coreset is staged a few times per SM, not per tile
-      const int64_t tiles = (m + kernels::kMmaTileRows - 1) / kernels::kMmaTileRows;
-      const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-      p.tiles_per_cta = std::max<int64_t>(1, tiles * bh / (sms * 2));
-      p.tiles_per_cta = std::max(p.tiles_per_cta, (tiles + kMaxGridY - 1) / kMaxGridY);
+      p.batch_heads = bh;
       p.query_stages = stages;
-      const dim3 grid(bh, (tiles + p.tiles_per_cta - 1) / p.tiles_per_cta);
       auto kernel = dim64 ? kernels::coreset_attention_mma<cuda_t, 64> : kernels::coreset_attention_mma<cuda_t, 128>;
       allow_shared_memory(kernel, smem);
-      kernel<<<grid, kernels::kMmaWarps * 32, smem, at::cuda::getCurrentCUDAStream()>>>(p);
+      // One wave: as many CTAs as fit on the GPU at once (1 per SM at D = 128, 2 at D = 64), each
+      // with an equal share of the (head, query tile) items. Whole heads per group of CTAs left a
+      // partial last wave: 288 CTAs for 264 places at 32 heads and D = 64, 2.2 waves at D = 128
+      // (benchmarks/NOTES.md).
+      int per_sm = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kernels::kMmaWarps * 32, smem));
+      const int64_t tiles = (m + kernels::kMmaTileRows - 1) / kernels::kMmaTileRows;
+      const int64_t ctas = std::min<int64_t>({bh * tiles, std::max(per_sm, 1) * int64_t{device->multiProcessorCount},
+                                              kMaxGridX});
+      kernel<<<static_cast<unsigned>(ctas), kernels::kMmaWarps * 32, smem, at::cuda::getCurrentCUDAStream()>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
