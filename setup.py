@@ -2,15 +2,13 @@
 
 CUDA kernels are built when torch is a CUDA build and nvcc is found (never decided by whether a
 GPU is present: build hosts often have none). Overrides: WILDCAT_FORCE_CUDA=1, WILDCAT_NO_CUDA=1.
-TORCH_CUDA_ARCH_LIST picks the architectures (default "9.0+PTX"); compute capability 9.0 is built as
-sm_90a (see _cuda_arch_flags).
+TORCH_CUDA_ARCH_LIST picks the architectures (default "9.0+PTX").
 Install with `pip install --no-build-isolation .` so the build uses the torch already installed.
 """
 
 import glob
 import importlib.util
 import os
-import re
 import shutil
 import subprocess
 
@@ -94,30 +92,6 @@ def _use_compiler_with_shared_runtime() -> None:
     raise RuntimeError(f"wildcat: CXX={cxx} has no shared libstdc++; set CXX to a compiler that has one")
 
 
-def _cuda_arch_flags() -> tuple:
-    """nvcc -gencode flags for TORCH_CUDA_ARCH_LIST (default "9.0+PTX") and whether they build sm_90a.
-
-    Compute capability 9.0 is built as sm_90a: the coreset-attention kernel's warpgroup MMA
-    (wgmma) exists only in arch-specific sm_90a code, which runs on the same devices as sm_90 code
-    (9.0 only). "+PTX" adds the portable compute_XX PTX (compute_90, not compute_90a, so that newer
-    GPUs can JIT it). Torch's own flags are replaced, as it takes none when any are given.
-    """
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0+PTX").replace(" ", ";")
-    flags, sm90a = set(), False
-    for arch in filter(None, archs.split(";")):
-        ptx = arch.endswith("+PTX")
-        match = re.fullmatch(r"(\d+)\.(\d)(a?)", arch[:-4] if ptx else arch)
-        if match is None:
-            raise ValueError(f"wildcat: TORCH_CUDA_ARCH_LIST entry {arch!r} is not of the form 9.0, 9.0a or 9.0+PTX")
-        number = match[1] + match[2]
-        code = "90a" if number == "90" else number + match[3]
-        sm90a |= code == "90a"
-        flags.add(f"-gencode=arch=compute_{code},code=sm_{code}")
-        if ptx:
-            flags.add(f"-gencode=arch=compute_{number},code=compute_{number}")
-    return sorted(flags), sm90a
-
-
 def _sources(pattern: str) -> list:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
@@ -138,12 +112,9 @@ def _extension():
         sources += _sources("csrc/ops/cuda/*.cu")
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0+PTX")
         macros.append(("WILDCAT_WITH_CUDA", None))
-        arch_flags, sm90a = _cuda_arch_flags()
-        if sm90a:
-            macros.append(("WILDCAT_SM90A", None))
         kwargs["extra_compile_args"] = {
             "cxx": cxx,
-            "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + arch_flags,
+            "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
         }
         kwargs["extra_link_args"] = ["-fopenmp"]
         kwargs["library_dirs"] = _cuda_library_dirs()

@@ -20,23 +20,6 @@ def to(device, *tensors):
     return [t.to(device) for t in tensors]
 
 
-@pytest.fixture(params=["warpgroup", "warp"])
-def attention_kernel(request, monkeypatch):
-    """Runs a test once per tensor-core attention kernel: on an sm_90 GPU the warpgroup (wgmma)
-    kernel is the default and WILDCAT_ATTENTION_KERNEL=warp selects the warp-level one (elsewhere
-    both runs take the warp-level kernel)."""
-    if request.param == "warp":
-        monkeypatch.setenv("WILDCAT_ATTENTION_KERNEL", "warp")
-    return request.param
-
-
-def kernel_names(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return {event.name.split("<")[0].split("(")[0].split("::")[-1] for event in prof.events()}
-
-
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize(
     "n,rank,bins,e,dv",
@@ -180,7 +163,7 @@ def test_accuracy_rule_against_float64_oracle(dtype, n, rank, bins, e):
 
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("e,dv,rank", [(64, 64, 128), (128, 128, 256), (64, 64, 512), (96, 40, 70), (256, 256, 33)])
-def test_attention_kernels_against_oracle(dtype, e, dv, rank, attention_kernel):
+def test_attention_kernels_against_oracle(dtype, e, dv, rank):
     """Both attention kernels (tensor cores for 16-bit E = D in {64, 128}, the general one
     otherwise) on a given coreset with signed weights: the 2x rule against plain PyTorch."""
     q = randn(2, 4, 200, e, dtype=dtype)
@@ -198,7 +181,7 @@ def test_attention_kernels_against_oracle(dtype, e, dv, rank, attention_kernel):
 
 @pytest.mark.parametrize("e", [64, 128])
 @pytest.mark.parametrize("growth", ["rising", "falling"])
-def test_tensor_core_attention_with_logits_that_grow_across_chunks(e, growth, attention_kernel):
+def test_tensor_core_attention_with_logits_that_grow_across_chunks(e, growth):
     """The tensor-core kernel moves its running maximum only when a chunk's logits exceed it by
     2^8: key norms that rise along the coreset (later chunks' logits tens of units above the first
     ones, some rows rescaled and some not) and fall (no rescaling after the first chunk) keep the
@@ -221,7 +204,7 @@ def test_tensor_core_attention_with_logits_that_grow_across_chunks(e, growth, at
 
 
 @pytest.mark.parametrize("e", [64, 128])
-def test_tensor_core_attention_keeps_every_value_column_relative(e, attention_kernel):
+def test_tensor_core_attention_keeps_every_value_column_relative(e):
     """The tensor-core kernel multiplies P V̂ in float16 with each column scaled by its own power
     of two: columns from 1e-30 to 1e30 (and a zero one) each keep the 2x rule relative to their
     own magnitude, where one float16 scale would overflow the large and flush the small."""
@@ -245,10 +228,11 @@ def test_tensor_core_attention_keeps_every_value_column_relative(e, attention_ke
 
 
 @pytest.mark.parametrize("e", [64, 128])
-def test_tensor_core_attention_over_many_query_tiles(e, attention_kernel):
-    """Several 128-row query tiles per CTA (the next tile's rows copied while this one computes),
-    a last tile of one row, 32 heads over 8 kv heads and a padded last key chunk (r = 100): the 2x
-    rule, and the rows of the last tile against the same rows computed alone."""
+def test_tensor_core_attention_over_many_query_tiles(e):
+    """The tensor-core kernel's CTAs share 32 heads' query tiles (several tiles per CTA, the next
+    one's rows copied while this one computes; shares that cross from one head into the next, which
+    stage a second coreset), a last tile of one row, 32 heads over 8 kv heads and a padded last key
+    chunk (r = 100): the 2x rule, and the last row against the same row computed alone."""
     dtype = torch.bfloat16
     q = randn(1, 32, 4097, e, dtype=dtype)
     keys = randn(1, 8, 100, e, dtype=dtype)
@@ -265,21 +249,6 @@ def test_tensor_core_attention_over_many_query_tiles(e, attention_kernel):
     assert err <= 2 * err_plain, (float(err), float(err_plain))
     alone = wildcat.ops.coreset_attention(q[:, :, -1:].cuda(), *args, None, vmin.cuda(), vmax.cuda()).cpu()
     torch.testing.assert_close(out[:, :, -1:], alone, atol=2e-2, rtol=2e-2)
-
-
-@pytest.mark.parametrize("e", [64, 128])
-def test_attention_takes_the_warpgroup_kernel_on_sm90(e, monkeypatch):
-    """bfloat16 with E = D in {64, 128} runs the warpgroup-MMA kernel on a compute capability 9.0
-    GPU (the build makes sm_90a code for it), the warp-level one elsewhere or when asked for."""
-    q, keys = randn(1, 4, 300, e, dtype=torch.bfloat16).cuda(), randn(1, 4, 128, e, dtype=torch.bfloat16).cuda()
-    values, weights = randn(1, 4, 128, e).cuda(), torch.rand(1, 4, 128).cuda()
-    names = kernel_names(lambda: wildcat.ops.coreset_attention(q, keys, values, weights))
-    hopper = torch.cuda.get_device_capability() == (9, 0)
-    expected = "coreset_attention_wgmma" if hopper else "coreset_attention_mma"
-    assert expected in names, sorted(names)
-    monkeypatch.setenv("WILDCAT_ATTENTION_KERNEL", "warp")
-    names = kernel_names(lambda: wildcat.ops.coreset_attention(q, keys, values, weights))
-    assert "coreset_attention_mma" in names and "coreset_attention_wgmma" not in names, sorted(names)
 
 
 @pytest.mark.parametrize("dtype", FLOATS)

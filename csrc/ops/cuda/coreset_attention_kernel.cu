@@ -7,12 +7,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <string_view>
 #include <type_traits>
 
 #include "../../kernels/coreset_attention.cuh"
-#include "../../kernels/coreset_attention_wgmma.cuh"
 #include "../../kernels/coreset_decode.cuh"
 #include "../checks.h"
 #include "cuda_utils.h"
@@ -205,13 +202,6 @@ bool decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& values, 
   return launch(std::integral_constant<int, 16>{});
 }
 
-// WILDCAT_ATTENTION_KERNEL=warp runs the warp-level tensor-core kernel where the warpgroup one
-// would run: the tests check both on an sm_90 GPU, the benchmarks compare them in one process.
-bool warp_level_kernel_requested() {
-  const char* choice = std::getenv("WILDCAT_ATTENTION_KERNEL");
-  return choice != nullptr && std::string_view(choice) == "warp";
-}
-
 template <typename scalar_t>
 void attend_typed(const at::Tensor& q, const at::Tensor& k_view, const at::Tensor& values, const at::Tensor& weights,
                   const std::optional<at::Tensor>& value_min, const std::optional<at::Tensor>& value_max,
@@ -239,40 +229,29 @@ void attend_typed(const at::Tensor& q, const at::Tensor& k_view, const at::Tenso
   if constexpr (std::is_same_v<cuda_t, __nv_bfloat16>) {
     const bool dim64 = e == 64 && dv == 64, dim128 = e == 128 && dv == 128;
     const cudaDeviceProp* device = at::cuda::getCurrentDeviceProperties();
-    // warpgroup MMA: code built for sm_90a (setup.py), run on a compute capability 9.0 device
-#ifdef WILDCAT_SM90A
-    const bool hopper = device->major == 9 && device->minor == 0;
-#else
-    const bool hopper = false;
-#endif
-    const size_t wgmma_smem = dim64 ? kernels::wgmma_smem_bytes<64>(r) : kernels::wgmma_smem_bytes<128>(r);
-    const bool use_wgmma = hopper && wgmma_smem <= max_shared_memory() && !warp_level_kernel_requested();
-    // otherwise two query buffers per warp (the next block loads while this one computes) where
-    // shared memory allows, else one
+    // two query buffers per warp (the next block loads while this one computes) where shared
+    // memory allows, else one
     auto smem_for = [&](int stages) {
       return dim64 ? kernels::mma_smem_bytes<64>(r, stages) : kernels::mma_smem_bytes<128>(r, stages);
     };
     const int stages = smem_for(2) <= max_shared_memory() ? 2 : 1;
-    const size_t smem = use_wgmma ? wgmma_smem : smem_for(stages);
-    // the fast kernels copy query rows in 16-byte pieces
+    const size_t smem = smem_for(stages);
+    // the fast kernel copies query rows in 16-byte pieces
     const bool aligned = reinterpret_cast<uintptr_t>(q.const_data_ptr()) % 16 == 0;
     if ((dim64 || dim128) && aligned && smem <= max_shared_memory()) {
       const at::Tensor v = values.to(at::kFloat).contiguous(), w = weights.to(at::kFloat).contiguous();
       const std::optional<at::Tensor> lo = as_type(value_min, at::kFloat), hi = as_type(value_max, at::kFloat);
-      // the kernels read the keys in 16-byte pieces too (a fresh allocation is aligned)
+      // the kernel reads the keys in 16-byte pieces too (a fresh allocation is aligned)
       const at::Tensor keys = reinterpret_cast<uintptr_t>(k.const_data_ptr()) % 16 == 0 ? k : k.clone();
       auto p = attention_params<scalar_t, float>(q, keys, v, w, lo, hi, center_values, beta, q_heads, kv_heads, out);
       p.batch_heads = bh;
-      p.query_stages = use_wgmma ? 2 : stages;
-      auto kernel = use_wgmma ? (dim64 ? kernels::coreset_attention_wgmma<cuda_t, 64>
-                                       : kernels::coreset_attention_wgmma<cuda_t, 128>)
-                              : (dim64 ? kernels::coreset_attention_mma<cuda_t, 64>
-                                       : kernels::coreset_attention_mma<cuda_t, 128>);
-      static_assert(kernels::kWgmmaGroups * 128 == kernels::kMmaWarps * 32, "both kernels run 256 threads");
+      p.query_stages = stages;
+      auto kernel = dim64 ? kernels::coreset_attention_mma<cuda_t, 64> : kernels::coreset_attention_mma<cuda_t, 128>;
       allow_shared_memory(kernel, smem);
-      // One wave: as many CTAs as fit on the GPU at once, each with an equal share of the (head,
-      // query tile) items. A grid of whole heads per CTA group left a second wave of a few CTAs
-      // (288 CTAs for 264 places at 32 heads; benchmarks/NOTES.md).
+      // One wave: as many CTAs as fit on the GPU at once (1 per SM at D = 128, 2 at D = 64), each
+      // with an equal share of the (head, query tile) items. Whole heads per group of CTAs left a
+      // partial last wave: 288 CTAs for 264 places at 32 heads and D = 64, 2.2 waves at D = 128
+      // (benchmarks/NOTES.md).
       int per_sm = 0;
       C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kernels::kMmaWarps * 32, smem));
       const int64_t tiles = (m + kernels::kMmaTileRows - 1) / kernels::kMmaTileRows;
