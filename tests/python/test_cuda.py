@@ -46,6 +46,9 @@ def test_compress_picks_the_cpu_pivots(dtype, n, rank, bins, e, dv):
     cpu = wildcat.ops.compress_kv(k, v, rank, bins, None, q_norm, 123)
     gpu = wildcat.ops.compress_kv(*to("cuda", k, v), rank, bins, None, q_norm.cuda(), 123)
     assert_same_compression(gpu, cpu)
+    # the kernel that writes the values also copies the keys at the pivots, in every group
+    gathered = k.gather(1, gpu.core_indices.cpu()[..., None].expand(-1, -1, e))
+    assert torch.equal(gpu.core_keys.cpu(), gathered)
 
 
 def assert_same_compression(gpu, cpu):

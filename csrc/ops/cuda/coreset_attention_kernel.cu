@@ -252,8 +252,11 @@ void attend_typed(const at::Tensor& q, const at::Tensor& k_view, const at::Tenso
       // with an equal share of the (head, query tile) items. Whole heads per group of CTAs left a
       // partial last wave: 288 CTAs for 264 places at 32 heads and D = 64, 2.2 waves at D = 128
       // (benchmarks/NOTES.md).
-      int per_sm = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kernels::kMmaWarps * 32, smem));
+      const int per_sm = memoized<int>(reinterpret_cast<const void*>(kernel), static_cast<int64_t>(smem), [&] {
+        int fit = 0;
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, kernels::kMmaWarps * 32, smem));
+        return fit;
+      });
       const int64_t tiles = (m + kernels::kMmaTileRows - 1) / kernels::kMmaTileRows;
       const int64_t ctas = std::min<int64_t>({bh * tiles, std::max(per_sm, 1) * int64_t{device->multiProcessorCount},
                                               kMaxGridX});

@@ -4,10 +4,14 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <map>
+#include <mutex>
 #include <optional>
+#include <tuple>
 
 #include "../../kernels/compress.cuh"
 
@@ -49,13 +53,36 @@ inline kernels::SeedRef seed_ref(const std::optional<at::Tensor>& seed) {
   return {nullptr, static_cast<uint64_t>(seed->item<int64_t>())};
 }
 
-// Raises a kernel's dynamic shared memory limit to `bytes` (once per kernel and size class).
+// Runtime queries about a kernel cost microseconds of host time each, and short calls are bound
+// by the host (benchmarks/NOTES.md, N = 4,096): their answers are kept per device, kernel and
+// `size` (0 where none applies). One table per call site, behind a lock.
+template <typename Value, typename Compute>
+Value memoized(const void* kernel, int64_t size, Compute&& compute) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, const void*, int64_t>, Value> memo;
+  const auto key = std::make_tuple(static_cast<int>(c10::cuda::current_device()), kernel, size);
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = memo.find(key);
+  if (found != memo.end()) return found->second;
+  const Value value = compute();
+  memo.emplace(key, value);
+  return value;
+}
+
+// Raises a kernel's dynamic shared memory limit to at least `bytes`. The limit only ever rises
+// (the largest size asked for so far stays allowed), so each device and kernel is set once per
+// new maximum.
 template <typename Kernel>
 void allow_shared_memory(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
-  }
+  if (bytes <= 48 * 1024) return;
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, size_t> allowed;
+  const auto key = std::make_pair(static_cast<int>(c10::cuda::current_device()), reinterpret_cast<const void*>(kernel));
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& limit = allowed[key];
+  if (bytes <= limit) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  limit = bytes;
 }
 
 // Whether `kernel`'s code has its thread-block-cluster paths (compiled from sm_90 PTX or newer).
@@ -64,9 +91,11 @@ void allow_shared_memory(Kernel kernel, size_t bytes) {
 template <typename Kernel>
 bool has_cluster_code(Kernel kernel) {
   if (at::cuda::getCurrentDeviceProperties()->major < 9) return false;
-  cudaFuncAttributes attributes{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-  return attributes.ptxVersion >= 90;
+  return memoized<bool>(reinterpret_cast<const void*>(kernel), 0, [&] {
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+    return attributes.ptxVersion >= 90;
+  });
 }
 
 inline size_t max_shared_memory() {

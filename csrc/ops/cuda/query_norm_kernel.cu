@@ -93,7 +93,9 @@ at::Tensor query_norm_cuda(const at::Tensor& query, int64_t kv_heads) {
   if (reinterpret_cast<uintptr_t>(q.const_data_ptr()) % 16 != 0) return detail::query_norm_aten(query, kv_heads);
   const int64_t heads = q.numel() / (m * e);  // batch · Hq
   const int64_t heads_per_group = query.size(-3) / kv_heads;
-  at::Tensor bits = at::zeros({heads / heads_per_group}, q.options().dtype(at::kInt));
+  // zeroed by a memset on the stream, not at::zeros (a fill kernel and its dispatch: host time that
+  // bounds short calls, benchmarks/NOTES.md)
+  at::Tensor bits = at::empty({heads / heads_per_group}, q.options().dtype(at::kInt));
   const int64_t rows_per_cta = kNormThreads / pieces * kNormRowsPerThread;
   const int64_t chunks = (m + rows_per_cta - 1) / rows_per_cta;
   TORCH_CHECK_VALUE(heads <= std::numeric_limits<int32_t>::max() && chunks <= 65535,
@@ -101,6 +103,7 @@ at::Tensor query_norm_cuda(const at::Tensor& query, int64_t kv_heads) {
                     " queries per head, got ", heads, " and ", m);
   const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(chunks));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(cudaMemsetAsync(bits.mutable_data_ptr<int>(), 0, bits.numel() * sizeof(int), stream));
   if (q.scalar_type() == at::kBFloat16) {
     query_norm_kernel<__nv_bfloat16><<<grid, kNormThreads, 0, stream>>>(
         reinterpret_cast<const __nv_bfloat16*>(q.const_data_ptr<at::BFloat16>()), m, static_cast<int>(pieces),
