@@ -807,33 +807,25 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeParams<scala
 // 5. The group's outputs: §2.8's overflow guard
 // ---------------------------------------------------------------------------------------------
 
-template <typename scalar_t, typename T>
+template <typename T>
 struct WriteGroupParams {
   const double* scaled;       // (G, kept, D + 1)
   const double* log_scale;    // (G, kept)
-  const scalar_t* keys;       // (G, N, E)
-  const int64_t* core_indices;  // (G, kept), written by finalize_kernel
-  int64_t n, e, kept, dv;
+  int64_t kept, dv;
   T* core_values;             // (G, kept, D)
   T* core_weights;            // (G, kept)
-  scalar_t* core_keys;        // (G, kept, E): the keys at core_indices
 };
 
 // One CTA per group: slot i's values and weight are scaled[i] e^{log_scale[i]}, and that factor
 // e^{(s_ref - s_p)/2} overflows float32 once β R_q R_k is in the hundreds. A factor common to all
 // of a group's values and weights cancels in the estimator, so the group is shifted down by
 // e^{-shift} just enough that its largest entry, summed over the group's slots, stays in T's
-// range; groups that need no shift get the plain products (the CPU's write_group). The CTA also
-// copies the group's core keys (a separate gather cost a PyTorch operation's host time per call).
-template <typename scalar_t, typename T, int kThreads>
-__global__ void __launch_bounds__(kThreads) write_group_kernel(WriteGroupParams<scalar_t, T> p) {
+// range; groups that need no shift get the plain products (the CPU's write_group).
+template <typename T, int kThreads>
+__global__ void __launch_bounds__(kThreads) write_group_kernel(WriteGroupParams<T> p) {
   __shared__ double scratch[kThreads / 32 + 1];
   constexpr int kWarps = kThreads / 32;
   const int64_t g = blockIdx.x, cols = p.dv + 1;
-  for (int64_t o = threadIdx.x; o < p.kept * p.e; o += kThreads) {
-    const int64_t slot = o / p.e, c = o % p.e;
-    p.core_keys[g * p.kept * p.e + o] = p.keys[(g * p.n + p.core_indices[g * p.kept + slot]) * p.e + c];
-  }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const double* scaled = p.scaled + g * p.kept * cols;
   const double* log_scale = p.log_scale + g * p.kept;

@@ -42,7 +42,7 @@ struct AttentionParams {
   bool center_values;
   double beta;
   int64_t q_heads, kv_heads, m, r, e, dv;
-  int64_t batch_heads;     // tensor-core kernels: B * Hq, the heads whose query tiles the CTAs share
+  int64_t batch_heads;     // mma kernel: B * Hq, the heads whose query tiles the CTAs share
   int query_stages;        // mma kernel: per-warp query buffers (2: the next block loads during this one)
   scalar_t* out;           // (B, Hq, M, D)
 };
@@ -344,7 +344,7 @@ __device__ __forceinline__ float min_keep_nan(float a, float b) {
 }
 
 // grid (CTAs), block 256. The CTA stages the kv head's coreset in shared memory, then walks its
-// query tiles of that head (and of the next head, if its share of tiles reaches into it).
+// query tiles of that head (and of the following heads, where its share of tiles reaches into them).
 // Fragment layouts are those of the PTX ISA for mma.m16n8k16: lane = 4 * group + quad; a thread
 // holds rows group and group + 8 and columns 2 * quad, 2 * quad + 1 of every 8-column tile.
 // E = D = 64 fits two CTAs per SM in shared memory, and in registers (at most 128) too.
@@ -414,7 +414,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, kDim == 64 ? 2 : 1)
     if (tile_first < tile_last) load_block(tile_first, 0);
 
     // Stage the coreset (padding slots: zero key, value and weight; masked from the softmax), with
-    // kBatch loads in flight per thread: the staging is a fixed cost per CTA. Each thread owns one
+    // kBatch loads in flight per thread: the staging is a fixed cost per segment. Each thread owns one
     // value column. First the largest magnitude of each value column and of the weights
     // (non-negative floats order as their bit patterns; a NaN wins, which leaves the column
     // unscaled), then the float16 columns scaled by their powers of two.

@@ -36,10 +36,8 @@ CompressOutputs::CompressOutputs(const at::Tensor& keys, const at::Tensor& value
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> CompressOutputs::finish() const {
-  const at::Tensor keys_out = core_keys.defined()
-                                  ? core_keys
-                                  : keys3.gather(1, core_indices.unsqueeze(-1).expand({groups, kept, e}));
-  return {keys_out.reshape(with_tail(lead_, {kept, e})), core_values.reshape(with_tail(lead_, {kept, dv})),
+  const at::Tensor core_keys = keys3.gather(1, core_indices.unsqueeze(-1).expand({groups, kept, e}));
+  return {core_keys.reshape(with_tail(lead_, {kept, e})), core_values.reshape(with_tail(lead_, {kept, dv})),
           core_weights.reshape(with_tail(lead_, {kept})), core_indices.reshape(with_tail(lead_, {kept})),
           value_min.reshape(with_tail(lead_, {dv})), value_max.reshape(with_tail(lead_, {dv}))};
 }

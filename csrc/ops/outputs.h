@@ -20,14 +20,12 @@ std::vector<int64_t> with_tail(at::IntArrayRef lead, std::initializer_list<int64
 struct CompressOutputs {
   CompressOutputs(const at::Tensor& keys, const at::Tensor& values, int64_t rank, bool zero_fill = true);
 
-  // Gathers the core keys at the pivots (unless a kernel wrote `core_keys`) and gives every output
-  // the keys' leading dims.
+  // Gathers the core keys at the pivots and gives every output the keys' leading dims.
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish() const;
 
   int64_t groups, n, e, dv, kept;
   at::Tensor keys3;  // the keys viewed as (G, N, E)
   at::Tensor core_values, core_weights, core_indices, value_min, value_max;
-  at::Tensor core_keys;  // (G, kept, E) where a kernel writes it; undefined: finish() gathers
 
  private:
   at::DimVector lead_;

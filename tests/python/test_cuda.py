@@ -46,7 +46,7 @@ def test_compress_picks_the_cpu_pivots(dtype, n, rank, bins, e, dv):
     cpu = wildcat.ops.compress_kv(k, v, rank, bins, None, q_norm, 123)
     gpu = wildcat.ops.compress_kv(*to("cuda", k, v), rank, bins, None, q_norm.cuda(), 123)
     assert_same_compression(gpu, cpu)
-    # the kernel that writes the values also copies the keys at the pivots, in every group
+    # every group's core keys are its keys at its indices (also where the pivots differ from the CPU's)
     gathered = k.gather(1, gpu.core_indices.cpu()[..., None].expand(-1, -1, e))
     assert torch.equal(gpu.core_keys.cpu(), gathered)
 
@@ -233,9 +233,10 @@ def test_tensor_core_attention_keeps_every_value_column_relative(e):
 @pytest.mark.parametrize("e", [64, 128])
 def test_tensor_core_attention_over_many_query_tiles(e):
     """The tensor-core kernel's CTAs share 32 heads' query tiles (several tiles per CTA, the next
-    one's rows copied while this one computes; shares that cross from one head into the next, which
-    stage a second coreset), a last tile of one row, 32 heads over 8 kv heads and a padded last key
-    chunk (r = 100): the 2x rule, and the last row against the same row computed alone."""
+    one's rows copied while this one computes; shares that cross from one head into the next, and on
+    a 132-SM H100 at E = 128 into the next kv head's coreset, which is staged anew), a last tile of
+    one row, 32 heads over 8 kv heads and a padded last key chunk (r = 100): the 2x rule, and the
+    last row against the same row computed alone (by the decode kernel)."""
     dtype = torch.bfloat16
     q = randn(1, 32, 4097, e, dtype=dtype)
     keys = randn(1, 8, 100, e, dtype=dtype)

@@ -312,8 +312,8 @@ ResidentPlan plan_resident(const at::Tensor& keys, const at::Tensor& values, int
 template <typename scalar_t>
 void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t rank, int64_t num_bins,
                     double beta, const std::optional<at::Tensor>& query_norm, const int64_t* lengths,
-                    kernels::SeedRef seed, kernels::TauMode tau, bool center_values, double tol, at::Tensor& core_keys,
-                    at::Tensor& core_values, at::Tensor& core_weights, at::Tensor& core_indices, at::Tensor& value_min,
+                    kernels::SeedRef seed, kernels::TauMode tau, bool center_values, double tol, at::Tensor& core_values,
+                    at::Tensor& core_weights, at::Tensor& core_indices, at::Tensor& value_min,
                     at::Tensor& value_max) {
   using cuda_t = typename CudaType<scalar_t>::type;
   using T = typename CudaType<scalar_t>::acc;
@@ -443,12 +443,9 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // 5. the outputs, shifted per group where they would overflow
-  kernels::write_group_kernel<cuda_t, T, kFinalizeThreads><<<groups, kFinalizeThreads, 0, stream>>>(
-      kernels::WriteGroupParams<cuda_t, T>{scaled.const_data_ptr<double>(), log_scale.const_data_ptr<double>(),
-                                           device_ptr<scalar_t>(keys), core_indices.const_data_ptr<int64_t>(), n, e,
-                                           kept, dv, core_values.mutable_data_ptr<T>(),
-                                           core_weights.mutable_data_ptr<T>(),
-                                           reinterpret_cast<cuda_t*>(core_keys.mutable_data_ptr<scalar_t>())});
+  kernels::write_group_kernel<T, kFinalizeThreads><<<groups, kFinalizeThreads, 0, stream>>>(
+      kernels::WriteGroupParams<T>{scaled.const_data_ptr<double>(), log_scale.const_data_ptr<double>(), kept, dv,
+                                   core_values.mutable_data_ptr<T>(), core_weights.mutable_data_ptr<T>()});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -463,7 +460,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   detail::CompressOutputs out(keys, values, rank, /*zero_fill=*/false);  // the kernels write every entry
   if (out.n > 0 && out.groups > 0) {
     const at::Tensor k = out.keys3.contiguous();
-    out.core_keys = at::empty({out.groups, out.kept, out.e}, keys.options());  // written with the values
     const at::Tensor v = values.reshape({out.groups, out.n, out.dv}).contiguous();
     std::optional<at::Tensor> valid;
     if (lengths) valid = lengths->reshape({out.groups}).contiguous();
@@ -471,8 +467,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, keys.scalar_type(), "wildcat_compress_kv_cuda", [&] {
       compress_typed<scalar_t>(k, v, rank, num_bins, detail::resolve_scale(scale, out.e), query_norm, valid_ptr,
                                seed_ref(seed),
-                               detail::parse_tau(tau), center_values, tol, out.core_keys, out.core_values,
-                               out.core_weights, out.core_indices, out.value_min, out.value_max);
+                               detail::parse_tau(tau), center_values, tol, out.core_values, out.core_weights,
+                               out.core_indices, out.value_min, out.value_max);
     });
   }
   return out.finish();
