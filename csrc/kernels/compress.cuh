@@ -711,6 +711,7 @@ struct FinalizeParams {
   double* rhs;                // (G*C, column tiles, slots_max, tile_cols + 1) workspace
   double* scaled;             // (G, kept, D + 1): values | weight of each slot, up to
   double* log_scale;          // (G, kept): ... the factor e^{log_scale} (write_group_kernel)
+  double* tops;               // (G*C, column tiles): the largest log|entry| + log_scale of each CTA's entries
   int64_t* core_indices;      // (G, kept)
 };
 
@@ -739,14 +740,26 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeParams<scala
   const T* vmin = p.value_min + g * dv;
   const T* vmax = p.value_max + g * dv;
   const int64_t tile = blockIdx.y, tile_cols = p.tile_cols, c_begin = tile * tile_cols;
+  // This CTA's share of the group's overflow guard (write_group_kernel): the largest
+  // log|entry| + log_scale over the entries it writes, -inf where all are zero.
+  __shared__ double scratch[kThreads / 32 + 1];
+  double* top = p.tops + gb * gridDim.y + tile;
   if (length <= slots) {  // exact bin: V̂ = V (- v_c), w = 1; the first tile writes it all
-    if (tile != 0) return;
+    if (tile != 0) {
+      if (threadIdx.x == 0) *top = -INFINITY;
+      return;
+    }
     const scalar_t* values = p.values + (g * p.n + start) * dv;
+    double largest = length > 0 ? 1.0 : 0.0;  // the weights; every log_scale here is 0
     for (int64_t o = threadIdx.x; o < length * dv; o += kThreads) {
       const int64_t l = o / dv, c = o % dv;
       const T offset = p.center_values ? (vmin[c] + vmax[c]) / T(2) : T(0);
-      scaled[l * cols + c] = static_cast<double>(static_cast<T>(to_acc(values[o])) - offset);
+      const double x = static_cast<double>(static_cast<T>(to_acc(values[o])) - offset);
+      scaled[l * cols + c] = x;
+      largest = fabs(x) > largest ? fabs(x) : largest;
     }
+    largest = block_max<kThreads>(largest, scratch);  // one logarithm: log is monotonic
+    if (threadIdx.x == 0) *top = largest > 0 ? log(largest) : -INFINITY;
     for (int64_t l = threadIdx.x; l < length; l += kThreads) {
       scaled[l * cols + dv] = 1.0;
       core_indices[l] = start + l;
@@ -781,8 +794,10 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeParams<scala
   const double* kinv = p.kinv + gb * p.slots_max * p.slots_max;
   const int64_t* pivots = p.pivots + gb * p.slots_max;
   const double s_ref = p.max_sq_norm[gb];
+  double magnitude = -INFINITY;
   for (int64_t o = threadIdx.x; o < slots * c_count; o += kThreads) {
     const int64_t a = o / c_count, cc = o % c_count, col = c_begin + cc;
+    const double slot_log_scale = a < k ? (s_ref - p.sq_norm[gb * p.length_max + pivots[a]]) / 2 : 0.0;
     double acc = 0;
     if (a < k) {
       if (p.center_values && col < dv) {
@@ -796,69 +811,80 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeParams<scala
       }
     }
     scaled[a * cols + col] = acc;  // 0 after an early stop
+    if (acc != 0) {  // as the CPU's write_group: per entry, so the group's largest is the same
+      const double m = log(fabs(acc)) + slot_log_scale;
+      magnitude = m > magnitude ? m : magnitude;
+    }
     if (col == dv) {
-      log_scale[a] = a < k ? (s_ref - p.sq_norm[gb * p.length_max + pivots[a]]) / 2 : 0.0;
+      log_scale[a] = slot_log_scale;
       core_indices[a] = start + pivots[a];
     }
   }
+  magnitude = block_max<kThreads>(magnitude, scratch);
+  if (threadIdx.x == 0) *top = magnitude;
 }
 
 // ---------------------------------------------------------------------------------------------
 // 5. The group's outputs: §2.8's overflow guard
 // ---------------------------------------------------------------------------------------------
 
-template <typename T>
+template <typename scalar_t, typename T>
 struct WriteGroupParams {
   const double* scaled;       // (G, kept, D + 1)
   const double* log_scale;    // (G, kept)
-  int64_t kept, dv;
+  const double* tops;         // (G, tops_per_group): finalize_kernel's per-CTA largest magnitudes
+  const scalar_t* keys;       // (G, N, E)
+  const int64_t* core_indices;  // (G, kept)
+  int64_t n, e, kept, dv, tops_per_group;
   T* core_values;             // (G, kept, D)
   T* core_weights;            // (G, kept)
+  scalar_t* core_keys;        // (G, kept, E)
 };
 
-// One CTA per group: slot i's values and weight are scaled[i] e^{log_scale[i]}, and that factor
-// e^{(s_ref - s_p)/2} overflows float32 once β R_q R_k is in the hundreds. A factor common to all
-// of a group's values and weights cancels in the estimator, so the group is shifted down by
-// e^{-shift} just enough that its largest entry, summed over the group's slots, stays in T's
-// range; groups that need no shift get the plain products (the CPU's write_group).
-template <typename T, int kThreads>
-__global__ void __launch_bounds__(kThreads) write_group_kernel(WriteGroupParams<T> p) {
+constexpr int64_t kWriteSlots = 16;  // slots per CTA of write_group_kernel
+
+// grid (G, slot chunks of kWriteSlots): slot i's values and weight are scaled[i] e^{log_scale[i]},
+// and that factor e^{(s_ref - s_p)/2} overflows float32 once β R_q R_k is in the hundreds. A factor
+// common to all of a group's values and weights cancels in the estimator, so the group is shifted
+// down by e^{-shift} just enough that its largest entry, summed over the group's slots, stays in T's
+// range; groups that need no shift get the plain products (the CPU's write_group). The group's
+// largest entry comes from finalize_kernel's CTAs, so every chunk of a group finds the same shift
+// from a few loads; each CTA also copies its slots' keys (the core keys) from the keys.
+template <typename scalar_t, typename T, int kThreads>
+__global__ void __launch_bounds__(kThreads) write_group_kernel(WriteGroupParams<scalar_t, T> p) {
   __shared__ double scratch[kThreads / 32 + 1];
-  constexpr int kWarps = kThreads / 32;
+  __shared__ double factors[kWriteSlots], exponents[kWriteSlots];
   const int64_t g = blockIdx.x, cols = p.dv + 1;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const double* scaled = p.scaled + g * p.kept * cols;
-  const double* log_scale = p.log_scale + g * p.kept;
-  // a warp per slot: the slot's largest |entry|, then one logarithm per slot (log is monotonic)
+  const int64_t first = blockIdx.y * kWriteSlots;
+  const int64_t count = p.kept - first < kWriteSlots ? p.kept - first : kWriteSlots;
   double top = -INFINITY;
-  for (int64_t i = warp; i < p.kept; i += kWarps) {
-    double largest = 0;
-    for (int64_t c = lane; c < cols; c += 32) {
-      const double x = fabs(scaled[i * cols + c]);
-      largest = x > largest ? x : largest;
-    }
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      const double other = __shfl_xor_sync(0xffffffffu, largest, offset);
-      largest = other > largest ? other : largest;
-    }
-    if (largest > 0) {
-      const double magnitude = log(largest) + log_scale[i];
-      top = magnitude > top ? magnitude : top;
-    }
+  for (int64_t t = threadIdx.x; t < p.tops_per_group; t += kThreads) {
+    const double m = p.tops[g * p.tops_per_group + t];
+    top = m > top ? m : top;
   }
   top = block_max<kThreads>(top, scratch);
   const double limit = log(static_cast<double>(sizeof(T) == 4 ? FLT_MAX : DBL_MAX)) - log(2.0 * p.kept);
   const double shift = top > limit ? top - limit : 0.0;
-  for (int64_t i = warp; i < p.kept; i += kWarps) {
-    const double a = log_scale[i] - shift, factor = exp(a);  // one exponential per slot
-    for (int64_t c = lane; c < cols; c += 32) {
-      const T y = static_cast<T>(scaled_product(scaled[i * cols + c], a, factor));
-      if (c < p.dv) {
-        p.core_values[(g * p.kept + i) * p.dv + c] = y;
-      } else {
-        p.core_weights[g * p.kept + i] = y;
-      }
+  const double* log_scale = p.log_scale + g * p.kept + first;
+  for (int64_t i = threadIdx.x; i < count; i += kThreads) {  // one exponential per slot
+    exponents[i] = log_scale[i] - shift;
+    factors[i] = exp(exponents[i]);
+  }
+  __syncthreads();
+  const double* scaled = p.scaled + (g * p.kept + first) * cols;
+  for (int64_t o = threadIdx.x; o < count * cols; o += kThreads) {
+    const int64_t i = o / cols, c = o % cols;
+    const T y = static_cast<T>(scaled_product(scaled[o], exponents[i], factors[i]));
+    if (c < p.dv) {
+      p.core_values[(g * p.kept + first + i) * p.dv + c] = y;
+    } else {
+      p.core_weights[g * p.kept + first + i] = y;
     }
+  }
+  const int64_t* indices = p.core_indices + g * p.kept + first;
+  for (int64_t o = threadIdx.x; o < count * p.e; o += kThreads) {
+    const int64_t i = o / p.e, c = o % p.e;
+    p.core_keys[(g * p.kept + first + i) * p.e + c] = p.keys[(g * p.n + indices[i]) * p.e + c];
   }
 }
 

@@ -16,7 +16,8 @@ std::vector<int64_t> with_tail(at::IntArrayRef lead, std::initializer_list<int64
   return shape;
 }
 
-CompressOutputs::CompressOutputs(const at::Tensor& keys, const at::Tensor& values, int64_t rank, bool zero_fill)
+CompressOutputs::CompressOutputs(const at::Tensor& keys, const at::Tensor& values, int64_t rank, bool zero_fill,
+                                 bool keys_from_kernel)
     : lead_(keys.sizes().slice(0, keys.dim() - 2)) {
   groups = c10::multiply_integers(lead_);
   n = keys.size(-2);
@@ -25,21 +26,25 @@ CompressOutputs::CompressOutputs(const at::Tensor& keys, const at::Tensor& value
   kept = std::min(rank, n);
   const auto acc = keys.options().dtype(accumulate_type(keys.scalar_type()));
   keys3 = keys.reshape({groups, n, e});
-  const auto make = [&](at::IntArrayRef shape, const at::TensorOptions& options) {
+  const auto make = [&](std::initializer_list<int64_t> tail, const at::TensorOptions& options) {
+    const auto shape = with_tail(lead_, tail);
     return zero_fill || n == 0 || groups == 0 ? at::zeros(shape, options) : at::empty(shape, options);
   };
-  core_values = make({groups, kept, dv}, acc);
-  core_weights = make({groups, kept}, acc);
-  core_indices = make({groups, kept}, keys.options().dtype(at::kLong));
-  value_min = make({groups, dv}, acc);
-  value_max = make({groups, dv}, acc);
+  if (keys_from_kernel) core_keys = make({kept, e}, keys.options());
+  core_values = make({kept, dv}, acc);
+  core_weights = make({kept}, acc);
+  core_indices = make({kept}, keys.options().dtype(at::kLong));
+  value_min = make({dv}, acc);
+  value_max = make({dv}, acc);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> CompressOutputs::finish() const {
-  const at::Tensor core_keys = keys3.gather(1, core_indices.unsqueeze(-1).expand({groups, kept, e}));
-  return {core_keys.reshape(with_tail(lead_, {kept, e})), core_values.reshape(with_tail(lead_, {kept, dv})),
-          core_weights.reshape(with_tail(lead_, {kept})), core_indices.reshape(with_tail(lead_, {kept})),
-          value_min.reshape(with_tail(lead_, {dv})), value_max.reshape(with_tail(lead_, {dv}))};
+  at::Tensor keys_out = core_keys;
+  if (!keys_out.defined()) {
+    const at::Tensor index = core_indices.reshape({groups, kept, 1}).expand({groups, kept, e});
+    keys_out = keys3.gather(1, index).reshape(with_tail(lead_, {kept, e}));
+  }
+  return {keys_out, core_values, core_weights, core_indices, value_min, value_max};
 }
 
 }  // namespace detail

@@ -31,30 +31,50 @@ constexpr int64_t kStatsChunk = 2048;    // points per CTA of the group statisti
 constexpr int64_t kStatsVectorChunk = 512;  // points per CTA of the vector statistics kernel
 constexpr int kStatsThreads = 256;
 
-// Workspace of the pivot kernel for G groups of C bins (layout in compress.cuh). The resident path
-// keeps residuals and kernel rows on chip: `per_point` false leaves them unallocated.
+// Workspace of the pivot kernels for G groups of C bins (layout in compress.cuh), as arrays in the
+// call's Scratch. The resident path keeps residuals and kernel rows on chip: `per_point` false
+// leaves them out.
 template <typename T>
 struct PivotWorkspace {
-  at::Tensor residual, sq_norm, rows, kinv, pivots, counts, max_sq_norm;
-  int64_t slots_max, length_max;
+  int64_t rows_count, slots_max, length_max;
+  bool per_point;
+  T* residual = nullptr;
+  T* rows = nullptr;
+  double* sq_norm = nullptr;
+  double* kinv = nullptr;
+  double* max_sq_norm = nullptr;
+  int64_t* pivots = nullptr;
+  int32_t* counts = nullptr;
 
-  PivotWorkspace(const at::TensorOptions& device, int64_t rows_count, int64_t rank, int64_t n,
-                 int64_t num_bins, bool zero_rows, bool per_point = true) {
-    const auto acc = c10::CppTypeToScalarType<T>::value;
-    slots_max = (rank + num_bins - 1) / num_bins;
-    length_max = (n + num_bins - 1) / num_bins;
-    sq_norm = at::empty({rows_count, length_max}, device.dtype(at::kDouble));
+  PivotWorkspace(int64_t rows_count, int64_t rank, int64_t n, int64_t num_bins, bool per_point = true)
+      : rows_count(rows_count),
+        slots_max((rank + num_bins - 1) / num_bins),
+        length_max((n + num_bins - 1) / num_bins),
+        per_point(per_point) {}
+
+  // Declares in `scratch` every array not already pointed elsewhere (rp_nystrom's outputs).
+  void reserve(Scratch& scratch) {
+    const auto add = [&](auto*& pointer, int64_t count) {
+      if (pointer == nullptr) scratch.add(pointer, count);
+    };
+    add(sq_norm, rows_count * length_max);
     if (per_point) {
-      residual = at::empty({rows_count, length_max}, device.dtype(acc));
-      rows = zero_rows ? at::zeros({rows_count, slots_max, length_max}, device.dtype(acc))
-                       : at::empty({rows_count, slots_max, length_max}, device.dtype(acc));
+      add(residual, rows_count * length_max);
+      add(rows, rows_count * slots_max * length_max);
     }
-    // the general pivot kernel adds into kinv; the resident one writes every entry of a sampled bin
-    kinv = per_point ? at::zeros({rows_count, slots_max, slots_max}, device.dtype(at::kDouble))
-                     : at::empty({rows_count, slots_max, slots_max}, device.dtype(at::kDouble));
-    pivots = at::empty({rows_count, slots_max}, device.dtype(at::kLong));
-    counts = at::empty({rows_count}, device.dtype(at::kInt));
-    max_sq_norm = at::empty({rows_count}, device.dtype(at::kDouble));
+    add(kinv, rows_count * slots_max * slots_max);
+    add(pivots, rows_count * slots_max);
+    add(counts, rows_count);
+    add(max_sq_norm, rows_count);
+  }
+
+  // Once allocated: the general pivot kernel adds into kinv (the resident one writes every entry of a
+  // sampled bin), and rp_nystrom returns whole kernel rows, zero past early stops.
+  void clear(cudaStream_t stream, bool zero_rows) const {
+    if (per_point) {
+      C10_CUDA_CHECK(cudaMemsetAsync(kinv, 0, sizeof(double) * rows_count * slots_max * slots_max, stream));
+    }
+    if (zero_rows) C10_CUDA_CHECK(cudaMemsetAsync(rows, 0, sizeof(T) * rows_count * slots_max * length_max, stream));
   }
 };
 
@@ -90,13 +110,13 @@ void launch_pivots(const at::Tensor& points, const float* key_mean, const T* que
     p.keys_t = reinterpret_cast<cuda_t*>(keys_t.mutable_data_ptr<scalar_t>());
   }
   p.sample_all = sample_all;
-  p.residual = ws.residual.template mutable_data_ptr<T>();
-  p.sq_norm = ws.sq_norm.template mutable_data_ptr<double>();
-  p.rows = ws.rows.template mutable_data_ptr<T>();
-  p.kinv = ws.kinv.template mutable_data_ptr<double>();
-  p.pivots = ws.pivots.template mutable_data_ptr<int64_t>();
-  p.counts = ws.counts.template mutable_data_ptr<int32_t>();
-  p.max_sq_norm = ws.max_sq_norm.template mutable_data_ptr<double>();
+  p.residual = ws.residual;
+  p.sq_norm = ws.sq_norm;
+  p.rows = ws.rows;
+  p.kinv = ws.kinv;
+  p.pivots = ws.pivots;
+  p.counts = ws.counts;
+  p.max_sq_norm = ws.max_sq_norm;
   auto kernel = kernels::pivot_kernel<cuda_t, T, kPivotThreads>;
   allow_shared_memory(kernel, smem);
   kernel<<<groups * num_bins, kPivotThreads, smem, stream>>>(p);
@@ -154,10 +174,12 @@ void launch_block_pivots(const at::Tensor& points, const float* key_mean, const 
     }
   }
   at::Tensor keys_t = at::empty({bins_total, e, ws.length_max}, points.options());
-  at::Tensor g_table = at::empty({bins_total, ws.slots_max, ws.slots_max}, ws.kinv.options());
-  at::Tensor score_base = at::empty({bins_total, ws.length_max}, ws.residual.options());
+  at::Tensor g_table = at::empty({bins_total, ws.slots_max, ws.slots_max}, points.options().dtype(at::kDouble));
+  at::Tensor score_base = at::empty({bins_total, ws.length_max}, points.options().dtype(c10::CppTypeToScalarType<T>::value));
   at::Tensor round_ws;
-  if (!round_in_smem) round_ws = at::empty({bins_total, 2, kernels::kBlockDraws, ws.slots_max}, ws.kinv.options());
+  if (!round_in_smem) {
+    round_ws = at::empty({bins_total, 2, kernels::kBlockDraws, ws.slots_max}, points.options().dtype(at::kDouble));
+  }
   kernels::BlockPivotParams<cuda_t, T> p{};
   p.points = device_ptr<scalar_t>(points);
   p.key_mean = key_mean;
@@ -179,15 +201,15 @@ void launch_block_pivots(const at::Tensor& points, const float* key_mean, const 
   p.seed = seed;
   p.sample_all = sample_all;
   p.keys_t = reinterpret_cast<cuda_t*>(keys_t.mutable_data_ptr<scalar_t>());
-  p.residual = ws.residual.template mutable_data_ptr<T>();
+  p.residual = ws.residual;
   p.score_base = score_base.mutable_data_ptr<T>();
-  p.sq_norm = ws.sq_norm.template mutable_data_ptr<double>();
-  p.rows = ws.rows.template mutable_data_ptr<T>();
-  p.kinv = ws.kinv.template mutable_data_ptr<double>();
+  p.sq_norm = ws.sq_norm;
+  p.rows = ws.rows;
+  p.kinv = ws.kinv;
   p.g_table = g_table.mutable_data_ptr<double>();
-  p.pivots = ws.pivots.template mutable_data_ptr<int64_t>();
-  p.counts = ws.counts.template mutable_data_ptr<int32_t>();
-  p.max_sq_norm = ws.max_sq_norm.template mutable_data_ptr<double>();
+  p.pivots = ws.pivots;
+  p.counts = ws.counts;
+  p.max_sq_norm = ws.max_sq_norm;
   config.gridDim = dim3(static_cast<unsigned>(bins_total * cluster));
   attribute.val.clusterDim.x = static_cast<unsigned>(cluster);
   config.attrs = cluster > 1 ? &attribute : nullptr;
@@ -312,9 +334,8 @@ ResidentPlan plan_resident(const at::Tensor& keys, const at::Tensor& values, int
 template <typename scalar_t>
 void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t rank, int64_t num_bins,
                     double beta, const std::optional<at::Tensor>& query_norm, const int64_t* lengths,
-                    kernels::SeedRef seed, kernels::TauMode tau, bool center_values, double tol, at::Tensor& core_values,
-                    at::Tensor& core_weights, at::Tensor& core_indices, at::Tensor& value_min,
-                    at::Tensor& value_max) {
+                    kernels::SeedRef seed, kernels::TauMode tau, bool center_values, double tol,
+                    detail::CompressOutputs& out) {
   using cuda_t = typename CudaType<scalar_t>::type;
   using T = typename CudaType<scalar_t>::acc;
   const int64_t groups = keys.size(0), n = keys.size(1), e = keys.size(2), dv = values.size(2);
@@ -329,10 +350,13 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
                     "wildcat.compress_kv: a bin of at most ", 65535 * kWeightsChunk,
                     " keys on CUDA (N / num_bins), got N = ", n, " with num_bins = ", num_bins);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  T* value_min = out.value_min.mutable_data_ptr<T>();
+  T* value_max = out.value_max.mutable_data_ptr<T>();
 
-  // 1. statistics
-  // rows of 16-byte pieces whose count per row divides the block: the vector kernel, which reads
-  // chunks of kStatsVectorChunk rows; otherwise the element-wise kernel over at most 64 splits
+  // The plan of every stage, then one allocation for all their scratch arrays.
+  // 1. statistics: rows of 16-byte pieces whose count per row divides the block take the vector
+  // kernel, which reads chunks of kStatsVectorChunk rows; others the element-wise kernel over at
+  // most 64 splits
   constexpr int64_t kVec = 16 / sizeof(cuda_t);
   const auto fits_block = [&](int64_t width) {
     const int64_t pieces = width / kVec;
@@ -345,13 +369,37 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
       vector_stats ? std::clamp<int64_t>((n + kStatsVectorChunk - 1) / kStatsVectorChunk, 1, 65535)
                    : std::max<int64_t>(1, std::min<int64_t>(64, (n + kStatsChunk - 1) / kStatsChunk));
   const int64_t chunk = (n + splits - 1) / splits;
-  at::Tensor key_sum = at::empty({groups, splits, e}, device.dtype(at::kDouble));
-  at::Tensor part_min = at::empty({groups, splits, dv}, device.dtype(at::kDouble));
-  at::Tensor part_max = at::empty({groups, splits, dv}, device.dtype(at::kDouble));
-  at::Tensor key_mean = at::empty({groups, e}, device.dtype(at::kFloat));
+  // 2-3. pivots (bins kept exactly are skipped inside) and the weighted sums over chunks of points
+  const int64_t slots_max = (rank + num_bins - 1) / num_bins, length_max = (n + num_bins - 1) / num_bins;
+  const bool any_sampled = rank < n;  // else every bin is kept exactly
+  const ResidentPlan plan = any_sampled ? plan_resident<cuda_t>(keys, values, e, dv, slots_max, length_max)
+                                        : ResidentPlan{};
+  const int64_t sums_chunk = plan.cluster > 0 ? plan.slice : kWeightsChunk;  // points per partial sum
+  const int64_t chunks_max = plan.cluster > 0 ? plan.cluster : (length_max + kWeightsChunk - 1) / kWeightsChunk;
+  // 4. the coreset, in column tiles
+  const int64_t tile_cols = kernels::finalize_tile_cols(groups * num_bins, dv + 1,
+                                                       at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const int64_t finalize_tiles = (dv + 1 + tile_cols - 1) / tile_cols;
+
+  Scratch scratch;
+  double *key_sum, *part_min, *part_max, *partial, *rhs, *scaled, *log_scale, *tops;
+  float* key_mean;
+  scratch.add(key_sum, groups * splits * e);
+  scratch.add(part_min, groups * splits * dv);
+  scratch.add(part_max, groups * splits * dv);
+  scratch.add(key_mean, groups * e);
+  PivotWorkspace<T> ws(groups * num_bins, rank, n, num_bins, /*per_point=*/plan.cluster == 0);
+  ws.reserve(scratch);
+  scratch.add(partial, groups * num_bins * chunks_max * slots_max * (dv + 1));
+  scratch.add(rhs, groups * num_bins * finalize_tiles * slots_max * (tile_cols + 1));
+  scratch.add(scaled, groups * kept * (dv + 1));  // every entry: finalize
+  scratch.add(log_scale, groups * kept);
+  scratch.add(tops, groups * num_bins * finalize_tiles);
+  const at::Tensor scratch_buffer = scratch.allocate(device);
+  ws.clear(stream, /*zero_rows=*/false);
+
   const kernels::StatsParams<cuda_t> sp{device_ptr<scalar_t>(keys), device_ptr<scalar_t>(values), lengths, n, e, dv, splits,
-                                        chunk, key_sum.mutable_data_ptr<double>(), part_min.mutable_data_ptr<double>(),
-                                        part_max.mutable_data_ptr<double>()};
+                                        chunk, key_sum, part_min, part_max};
   if (vector_stats) {
     kernels::group_stats_vector_kernel<cuda_t, kStatsThreads><<<dim3(groups, splits), kStatsThreads, 0, stream>>>(sp);
   } else {
@@ -359,29 +407,17 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   kernels::group_stats_finalize_kernel<T><<<groups, 256, 0, stream>>>(kernels::StatsFinalizeParams<T>{
-      key_sum.const_data_ptr<double>(), part_min.const_data_ptr<double>(), part_max.const_data_ptr<double>(), lengths, n, e,
-      dv, splits, key_mean.mutable_data_ptr<float>(), value_min.mutable_data_ptr<T>(),
-      value_max.mutable_data_ptr<T>()});
+      key_sum, part_min, part_max, lengths, n, e, dv, splits, key_mean, value_min, value_max});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // 2-3. pivots (bins kept exactly are skipped inside) and the weighted sums over chunks of points
-  const int64_t slots_max = (rank + num_bins - 1) / num_bins, length_max = (n + num_bins - 1) / num_bins;
-  const bool any_sampled = rank < n;  // else every bin is kept exactly
-  const ResidentPlan plan = any_sampled ? plan_resident<cuda_t>(keys, values, e, dv, slots_max, length_max)
-                                        : ResidentPlan{};
-  PivotWorkspace<T> ws(device, groups * num_bins, rank, n, num_bins, /*zero_rows=*/false,
-                       /*per_point=*/plan.cluster == 0);
   std::optional<at::Tensor> qn;
   if (query_norm) qn = query_norm->reshape({groups}).to(c10::CppTypeToScalarType<T>::value).contiguous();
-  const int64_t sums_chunk = plan.cluster > 0 ? plan.slice : kWeightsChunk;  // points per partial sum
-  const int64_t chunks_max = plan.cluster > 0 ? plan.cluster : (ws.length_max + kWeightsChunk - 1) / kWeightsChunk;
-  at::Tensor partial = at::empty({groups * num_bins, chunks_max, ws.slots_max, dv + 1}, device.dtype(at::kDouble));
   if (plan.cluster > 0) {
     if constexpr (std::is_same_v<cuda_t, __half> || std::is_same_v<cuda_t, __nv_bfloat16>) {
       kernels::ResidentParams<cuda_t> rp{};
       rp.keys = device_ptr<scalar_t>(keys);
       rp.values = device_ptr<scalar_t>(values);
-      rp.key_mean = key_mean.const_data_ptr<float>();
+      rp.key_mean = key_mean;
       rp.query_norm = qn ? qn->const_data_ptr<float>() : nullptr;
       rp.lengths = lengths;
       rp.n = n;
@@ -395,23 +431,22 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
       rp.tau = tau;
       rp.tol = static_cast<float>(tol);
       rp.seed = seed;
-      rp.sq_norm = ws.sq_norm.template mutable_data_ptr<double>();
-      rp.kinv = ws.kinv.template mutable_data_ptr<double>();
-      rp.pivots = ws.pivots.template mutable_data_ptr<int64_t>();
-      rp.counts = ws.counts.template mutable_data_ptr<int32_t>();
-      rp.max_sq_norm = ws.max_sq_norm.template mutable_data_ptr<double>();
-      rp.partial = partial.mutable_data_ptr<double>();
+      rp.sq_norm = ws.sq_norm;
+      rp.kinv = ws.kinv;
+      rp.pivots = ws.pivots;
+      rp.counts = ws.counts;
+      rp.max_sq_norm = ws.max_sq_norm;
+      rp.partial = partial;
       with_resident_shape(plan, e, [&](auto dim, auto pts) {
         launch_resident<cuda_t, decltype(dim)::value, decltype(pts)::value>(plan, rp, groups * num_bins, stream);
       });
     }
   } else if (any_sampled) {
-    launch_pivot_forms<scalar_t, T>(keys, key_mean.const_data_ptr<float>(), qn ? qn->const_data_ptr<T>() : nullptr,
+    launch_pivot_forms<scalar_t, T>(keys, key_mean, qn ? qn->const_data_ptr<T>() : nullptr,
                                     lengths, groups, n, e, num_bins, rank, beta, tau, tol, seed, false, ws, stream);
-    kernels::WeightsParams<cuda_t, T> wp{device_ptr<scalar_t>(values), ws.rows.template const_data_ptr<T>(),
-                                         ws.sq_norm.template const_data_ptr<double>(), ws.max_sq_norm.template const_data_ptr<double>(),
-                                         ws.counts.template const_data_ptr<int32_t>(), lengths, n, dv, num_bins, ws.slots_max,
-                                         ws.length_max, kWeightsChunk, chunks_max, partial.mutable_data_ptr<double>()};
+    kernels::WeightsParams<cuda_t, T> wp{device_ptr<scalar_t>(values), ws.rows, ws.sq_norm, ws.max_sq_norm, ws.counts,
+                                         lengths, n, dv, num_bins, ws.slots_max, ws.length_max, kWeightsChunk,
+                                         chunks_max, partial};
     const bool vector_values = dv % kVec == 0 && reinterpret_cast<uintptr_t>(values.const_data_ptr()) % 16 == 0;
     const auto weights_kernel = vector_values ? kernels::weights_partial_kernel<cuda_t, T, kWeightsThreads, true>
                                               : kernels::weights_partial_kernel<cuda_t, T, kWeightsThreads, false>;
@@ -420,32 +455,29 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
     weights_kernel<<<dim3(groups * num_bins, chunks_max), kWeightsThreads, weights_smem, stream>>>(wp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
-    ws.counts.fill_(-1);
+    C10_CUDA_CHECK(cudaMemsetAsync(ws.counts, 0xFF, sizeof(int32_t) * groups * num_bins, stream));  // -1: exact
   }
 
   // 4. the coreset
-  const int64_t tile_cols = kernels::finalize_tile_cols(groups * num_bins, dv + 1,
-                                                       at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-  const int64_t finalize_tiles = (dv + 1 + tile_cols - 1) / tile_cols;
-  at::Tensor rhs = at::empty({groups * num_bins, finalize_tiles, ws.slots_max, tile_cols + 1}, device.dtype(at::kDouble));
-  at::Tensor scaled = at::empty({groups, kept, dv + 1}, device.dtype(at::kDouble));  // every entry: finalize
-  at::Tensor log_scale = at::empty({groups, kept}, device.dtype(at::kDouble));
-  kernels::FinalizeParams<cuda_t, T> fp{device_ptr<scalar_t>(values), partial.const_data_ptr<double>(),
-                                        ws.kinv.template const_data_ptr<double>(), ws.sq_norm.template const_data_ptr<double>(),
-                                        ws.max_sq_norm.template const_data_ptr<double>(), ws.pivots.template const_data_ptr<int64_t>(),
-                                        ws.counts.template const_data_ptr<int32_t>(), value_min.const_data_ptr<T>(),
-                                        value_max.const_data_ptr<T>(), lengths, center_values, n, dv, rank, num_bins, kept,
-                                        ws.slots_max, ws.length_max, sums_chunk, chunks_max, tile_cols,
-                                        rhs.mutable_data_ptr<double>(), scaled.mutable_data_ptr<double>(),
-                                        log_scale.mutable_data_ptr<double>(), core_indices.mutable_data_ptr<int64_t>()};
+  kernels::FinalizeParams<cuda_t, T> fp{device_ptr<scalar_t>(values), partial, ws.kinv, ws.sq_norm, ws.max_sq_norm,
+                                        ws.pivots, ws.counts, value_min, value_max, lengths, center_values, n, dv,
+                                        rank, num_bins, kept, ws.slots_max, ws.length_max, sums_chunk, chunks_max,
+                                        tile_cols, rhs, scaled, log_scale, tops,
+                                        out.core_indices.mutable_data_ptr<int64_t>()};
   kernels::finalize_kernel<cuda_t, T, kFinalizeThreads>
       <<<dim3(groups * num_bins, finalize_tiles), kFinalizeThreads, 0, stream>>>(fp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // 5. the outputs, shifted per group where they would overflow
-  kernels::write_group_kernel<T, kFinalizeThreads><<<groups, kFinalizeThreads, 0, stream>>>(
-      kernels::WriteGroupParams<T>{scaled.const_data_ptr<double>(), log_scale.const_data_ptr<double>(), kept, dv,
-                                   core_values.mutable_data_ptr<T>(), core_weights.mutable_data_ptr<T>()});
+  // 5. the outputs, shifted per group where they would overflow, and the core keys
+  const int64_t write_chunks = (kept + kernels::kWriteSlots - 1) / kernels::kWriteSlots;
+  TORCH_CHECK_VALUE(write_chunks <= 65535, "wildcat.compress_kv: CUDA takes r of at most ",
+                    65535 * kernels::kWriteSlots, ", got ", rank);
+  kernels::write_group_kernel<cuda_t, T, kFinalizeThreads><<<dim3(groups, write_chunks), kFinalizeThreads, 0, stream>>>(
+      kernels::WriteGroupParams<cuda_t, T>{scaled, log_scale, tops, device_ptr<scalar_t>(keys),
+                                           out.core_indices.const_data_ptr<int64_t>(), n, e, kept, dv,
+                                           num_bins * finalize_tiles, out.core_values.mutable_data_ptr<T>(),
+                                           out.core_weights.mutable_data_ptr<T>(),
+                                           reinterpret_cast<cuda_t*>(out.core_keys.mutable_data_ptr<scalar_t>())});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -457,7 +489,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   detail::check_compress_kv_args(keys, values, rank, num_bins, scale, query_norm, seed, tau, tol, lengths);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(keys.device());
-  detail::CompressOutputs out(keys, values, rank, /*zero_fill=*/false);  // the kernels write every entry
+  // the kernels write every entry, the core keys included
+  detail::CompressOutputs out(keys, values, rank, /*zero_fill=*/false, /*keys_from_kernel=*/true);
   if (out.n > 0 && out.groups > 0) {
     const at::Tensor k = out.keys3.contiguous();
     const at::Tensor v = values.reshape({out.groups, out.n, out.dv}).contiguous();
@@ -466,9 +499,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const int64_t* valid_ptr = valid ? valid->const_data_ptr<int64_t>() : nullptr;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, keys.scalar_type(), "wildcat_compress_kv_cuda", [&] {
       compress_typed<scalar_t>(k, v, rank, num_bins, detail::resolve_scale(scale, out.e), query_norm, valid_ptr,
-                               seed_ref(seed),
-                               detail::parse_tau(tau), center_values, tol, out.core_values, out.core_weights,
-                               out.core_indices, out.value_min, out.value_max);
+                               seed_ref(seed), detail::parse_tau(tau), center_values, tol, out);
     });
   }
   return out.finish();
@@ -494,12 +525,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rp_nystrom_cuda(const at::Tensor&
   at::Tensor pivots, kinv, rows;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, points.scalar_type(), "wildcat_rp_nystrom_cuda", [&] {
     using T = typename CudaType<scalar_t>::acc;
-    PivotWorkspace<T> ws(points.options(), groups, kept, n, 1, /*zero_rows=*/true);
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    PivotWorkspace<T> ws(groups, kept, n, 1);
+    pivots = at::empty({groups, kept}, points.options().dtype(at::kLong));  // the outputs are kernel arrays
+    at::Tensor kinv_double = at::empty({groups, kept, kept}, points.options().dtype(at::kDouble));
+    rows = at::empty({groups, kept, n}, points.options().dtype(acc));
+    ws.pivots = pivots.mutable_data_ptr<int64_t>();
+    ws.kinv = kinv_double.mutable_data_ptr<double>();
+    ws.rows = rows.mutable_data_ptr<T>();
+    Scratch scratch;
+    ws.reserve(scratch);
+    const at::Tensor scratch_buffer = scratch.allocate(points.options());
+    ws.clear(stream, /*zero_rows=*/true);
     launch_pivot_forms<scalar_t, T>(x, nullptr, nullptr, nullptr, groups, n, e, 1, kept, 1.0, kernels::TauMode::kLambert,
-                                    tol, seed_ref(seed), /*sample_all=*/true, ws, at::cuda::getCurrentCUDAStream());
-    pivots = ws.pivots;
-    kinv = ws.kinv.to(acc);
-    rows = ws.rows;
+                                    tol, seed_ref(seed), /*sample_all=*/true, ws, stream);
+    kinv = kinv_double.to(acc);
   });
   return {pivots.reshape(detail::with_tail(lead, {kept})), kinv.reshape(detail::with_tail(lead, {kept, kept})),
           rows.reshape(detail::with_tail(lead, {kept, n}))};

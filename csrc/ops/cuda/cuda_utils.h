@@ -8,10 +8,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <functional>
 #include <map>
 #include <mutex>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "../../kernels/compress.cuh"
 
@@ -97,6 +99,33 @@ bool has_cluster_code(Kernel kernel) {
     return attributes.ptxVersion >= 90;
   });
 }
+
+// An op call's scratch arrays, carved from one allocation: each at::empty is a dispatcher round trip
+// of host time, and short calls are bound by the host (benchmarks/NOTES.md, N = 4,096). Arrays are
+// declared with `add`; `allocate` then makes one byte tensor and points every declared pointer into
+// it. Keep that tensor alive until the kernels that use it are enqueued (the caching allocator
+// orders its reuse after them on the stream).
+class Scratch {
+ public:
+  template <typename V>
+  void add(V*& pointer, int64_t count) {
+    const size_t offset = bytes_;
+    bytes_ += (sizeof(V) * static_cast<size_t>(count) + kAlign - 1) / kAlign * kAlign;
+    assign_.push_back([&pointer, offset](unsigned char* base) { pointer = reinterpret_cast<V*>(base + offset); });
+  }
+
+  at::Tensor allocate(const at::TensorOptions& device) {
+    at::Tensor buffer = at::empty({static_cast<int64_t>(bytes_)}, device.dtype(at::kByte));
+    unsigned char* base = static_cast<unsigned char*>(buffer.mutable_data_ptr());
+    for (const auto& assign : assign_) assign(base);
+    return buffer;
+  }
+
+ private:
+  static constexpr size_t kAlign = 256;  // every array starts as aligned as a fresh allocation's cache lines
+  std::vector<std::function<void(unsigned char*)>> assign_;
+  size_t bytes_ = 0;
+};
 
 inline size_t max_shared_memory() {
   return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;

@@ -4,7 +4,9 @@
 // once in 16-byte pieces, its sum of squares formed in float (pieces in column order, then a
 // fixed butterfly over the row's threads), and the group's largest sum kept by an integer atomic
 // max on the float's bits (non-negative floats order as their bits; max is order-free, so the
-// result is deterministic); one square root per group at the end.
+// result is deterministic). Each thread takes the square root of its largest sum before the atomic:
+// the correctly rounded root is monotonic, so the group's largest root is the root of its largest
+// sum, and no separate square-root operation (a dispatch and a launch of host time) follows.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -51,7 +53,7 @@ __device__ __forceinline__ float square_sum8(uint4 raw, __half) {
 }
 
 // grid (query heads of all batches, row chunks); `pieces` = E / 8 threads per row, a power of two
-// up to 32. out (batch · kv_heads) holds the largest sum of squares as float bits, zeroed first.
+// up to 32. out (batch · kv_heads) holds the largest row norm as float bits, zeroed first.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kNormThreads) query_norm_kernel(const scalar_t* query, int64_t m, int pieces,
                                                                   int64_t heads_per_group, int* out) {
@@ -73,6 +75,7 @@ __global__ void __launch_bounds__(kNormThreads) query_norm_kernel(const scalar_t
     for (int offset = 1; offset < pieces; offset <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
     largest = sum > largest ? sum : largest;
   }
+  largest = __fsqrt_rn(largest);  // round-to-nearest whatever the build's math flags
   for (int offset = 16; offset > 0; offset >>= 1) {
     const float other = __shfl_xor_sync(0xffffffffu, largest, offset);
     largest = other > largest ? other : largest;
@@ -114,7 +117,7 @@ at::Tensor query_norm_cuda(const at::Tensor& query, int64_t kv_heads) {
         bits.mutable_data_ptr<int>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return bits.view(at::kFloat).sqrt_().reshape(detail::query_norm_shape(query, kv_heads));
+  return bits.view(at::kFloat).view(detail::query_norm_shape(query, kv_heads));
 }
 
 }  // namespace
