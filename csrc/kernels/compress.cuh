@@ -121,14 +121,16 @@ __global__ void group_stats_partial_kernel(StatsParams<scalar_t> p) {
 // The same partial statistics from 16-byte loads, for rows of 16-byte multiples whose pieces per
 // row (E / kVec and D / kVec) divide kThreads: thread t reads piece t % pieces of every
 // (kThreads / pieces)-th row, four rows in flight, so each warp reads whole rows. Key sums in
-// double (exact for 16-bit keys), value bounds in double (exact); the row groups are combined in a
-// fixed order.
-template <typename scalar_t>
-__device__ __forceinline__ void unpack_piece(const uint4& raw, double (&out)[16 / sizeof(scalar_t)]) {
+// double (exact for 16-bit keys); value bounds in the values' own precision (float for 16-bit and
+// float values: a minimum or maximum is exact in any type that holds the values, and each
+// conversion to double costs a slot of the H100's narrow conversion pipe: 216 -> 201 us at
+// N = 65,536, benchmarks/NOTES.md); the row groups are combined in a fixed order.
+template <typename scalar_t, typename Acc>
+__device__ __forceinline__ void unpack_piece(const uint4& raw, Acc (&out)[16 / sizeof(scalar_t)]) {
   scalar_t v[16 / sizeof(scalar_t)];
   memcpy(v, &raw, sizeof raw);
 #pragma unroll
-  for (int i = 0; i < 16 / static_cast<int>(sizeof(scalar_t)); ++i) out[i] = static_cast<double>(to_acc(v[i]));
+  for (int i = 0; i < 16 / static_cast<int>(sizeof(scalar_t)); ++i) out[i] = static_cast<Acc>(to_acc(v[i]));
 }
 
 template <typename scalar_t, int kThreads>
@@ -144,10 +146,13 @@ __global__ void __launch_bounds__(kThreads) group_stats_vector_kernel(StatsParam
   // Folds the pieces of this thread's rows into acc (f(acc, x) per element; `twice`: a second
   // accumulator acc2 with f2, for the value bounds), then writes the row groups' fixed-order
   // combination of each column to out0 (and out1).
-  auto reduce = [&](const scalar_t* rows, int64_t width, double init, double init2, auto&& f, auto&& f2, bool twice,
+  auto reduce = [&](const scalar_t* rows, int64_t width, auto init, auto init2, auto&& f, auto&& f2, bool twice,
                     double* out0, double* out1) {
+    using Acc = decltype(init);
+    Acc* part0 = reinterpret_cast<Acc*>(partial[0]);
+    Acc* part1 = reinterpret_cast<Acc*>(partial[1]);
     const int pieces = static_cast<int>(width / kVec), row_step = kThreads / pieces;
-    double acc[kVec], acc2[kVec];
+    Acc acc[kVec], acc2[kVec];
 #pragma unroll
     for (int i = 0; i < kVec; ++i) acc[i] = init, acc2[i] = init2;
     const uint4* src = reinterpret_cast<const uint4*>(rows + (g * p.n) * width) + t % pieces;
@@ -158,38 +163,41 @@ __global__ void __launch_bounds__(kThreads) group_stats_vector_kernel(StatsParam
       for (int k = 0; k < kInFlight; ++k) raw[k] = src[(l + k * row_step) * pieces];
 #pragma unroll
       for (int k = 0; k < kInFlight; ++k) {
-        double x[kVec];
+        Acc x[kVec];
         unpack_piece<scalar_t>(raw[k], x);
 #pragma unroll
         for (int i = 0; i < kVec; ++i) acc[i] = f(acc[i], x[i]), acc2[i] = twice ? f2(acc2[i], x[i]) : acc2[i];
       }
     }
     for (; l < last; l += row_step) {
-      double x[kVec];
+      Acc x[kVec];
       unpack_piece<scalar_t>(src[l * pieces], x);
 #pragma unroll
       for (int i = 0; i < kVec; ++i) acc[i] = f(acc[i], x[i]), acc2[i] = twice ? f2(acc2[i], x[i]) : acc2[i];
     }
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) partial[0][t * kVec + i] = acc[i], partial[1][t * kVec + i] = acc2[i];
+    for (int i = 0; i < kVec; ++i) part0[t * kVec + i] = acc[i], part1[t * kVec + i] = acc2[i];
     __syncthreads();
     for (int c = t; c < width; c += kThreads) {
-      double r = init, r2 = init2;
+      Acc r = init, r2 = init2;
       for (int group = 0; group < row_step; ++group) {
         const int at = (group * pieces + c / kVec) * kVec + c % kVec;
-        r = f(r, partial[0][at]);
-        r2 = f2(r2, partial[1][at]);
+        r = f(r, part0[at]);
+        r2 = f2(r2, part1[at]);
       }
-      out0[c] = r;
-      if (twice) out1[c] = r2;
+      out0[c] = static_cast<double>(r);
+      if (twice) out1[c] = static_cast<double>(r2);
     }
     __syncthreads();
   };
+  using Bound = std::conditional_t<sizeof(scalar_t) <= sizeof(float), float, double>;  // holds every value exactly
   const auto add = [](double a, double x) { return a + x; };
-  const auto low = [](double a, double x) { return x < a ? x : a; };
-  const auto high = [](double a, double x) { return x > a ? x : a; };
+  const auto low = [](Bound a, Bound x) { return x < a ? x : a; };
+  const auto high = [](Bound a, Bound x) { return x > a ? x : a; };
   reduce(p.keys, p.e, 0.0, 0.0, add, add, false, p.key_sum + out * p.e, nullptr);
-  reduce(p.values, p.dv, DBL_MAX, -DBL_MAX, low, high, true, p.value_min + out * p.dv, p.value_max + out * p.dv);
+  // ±infinity to start: an empty split (key padding) bounds nothing
+  reduce(p.values, p.dv, static_cast<Bound>(INFINITY), static_cast<Bound>(-INFINITY), low, high, true,
+         p.value_min + out * p.dv, p.value_max + out * p.dv);
 }
 
 template <typename T>
