@@ -33,8 +33,6 @@ constexpr int kResidentMaxSlots = 16;   // kernel rows held per point (slots per
 static_assert(kResidentMaxSlots <= kSequentialMaxSlots, "the resident kernel takes one pivot per step");
 constexpr int kResidentMaxCluster = 16;  // 8 is portable; 16 needs the non-portable opt-in (H100 has it)
 constexpr int kResidentSlotBlock = 8;    // weighted sums: slots accumulated per pass
-constexpr int kResidentSub = 128;        // weighted sums: points whose products are formed at once
-static_assert(kResidentSub * kResidentSlotBlock >= kResidentMaxThreads, "w_s also holds one double per thread");
 
 // kPts consecutive points per thread: 2 (E = 64 and 128), or 4 at E = 64 for bins longer than 8
 // CTAs of 512 points (up to 16 CTAs of 1,024: 128 KB of 16-bit keys per CTA).
@@ -90,7 +88,7 @@ __host__ __device__ inline ResidentLayout resident_layout(int e, int slice, int6
   size_t at = resident_align16(static_cast<size_t>(slice) * e * 2);  // keys, then values
   l.rows = at, at += resident_align16(sizeof(float) * slots_max * slice);
   l.scale = at, at += resident_align16(sizeof(double) * slice);
-  l.w = at, at += resident_align16(sizeof(double) * kResidentSub * kResidentSlotBlock);
+  l.w = at, at += resident_align16(sizeof(double) * kResidentMaxThreads);  // the weighted sums' weights, per thread
   l.kinv = at, at += resident_align16(sizeof(double) * slots_max * slots_max);
   l.mean = at, at += resident_align16(sizeof(float) * e);
   l.xp = at, at += resident_align16(sizeof(float) * e);
@@ -444,9 +442,11 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   const double s_ref = stats[3];
 
   // Weighted sums of this slice: Σ_l R_j(l) e^{(s_l - s_ref)/2} [v_l | 1], in double, by blocks of
-  // kResidentSlotBlock slots and sub-chunks of kResidentSub points: the products
-  // w_j(l) = R_j(l) e^{(s_l - s_ref)/2} of a sub-chunk are formed once (zero for slots past
-  // `count`), then the warps multiply them with the values on the FP64 tensor cores.
+  // kResidentSlotBlock slots, on the FP64 tensor cores. Each lane forms its own A element, the
+  // product w_j(l) = R_j(l) e^{(s_l - s_ref)/2} of its slot and point (zero past `count`), rather
+  // than staging the products in shared memory behind two block barriers per 128 points (NOTES.md,
+  // session 9). Every product is still formed once, and each warp meets its points in ascending
+  // order as before, so the value sums are unchanged; the weights' sums are added in another order.
   if (count > 0 && own > 0) {
     __syncthreads();  // the key slice is no longer read: the value slice takes its place
     const scalar_t* values = p.values + (g * p.n + start + first) * kE;
@@ -461,40 +461,31 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     resident_copy_wait();
     __syncthreads();
     constexpr int kBlock = kResidentSlotBlock, kTiles = kE / 8;
-    static_assert(kBlock == 8 && kResidentSub % 4 == 0, "m8n8k4 steps: 8 slots by 4 points");
+    static_assert(kBlock == 8, "m8n8k4 steps: 8 slots by 4 points");
     const scalar_t* values_s = reinterpret_cast<const scalar_t*>(keys_s);
     const int warp = tid / 32, warps = blockDim.x / 32, slot = lane / 4, step_point = lane % 4;
     double* out = p.partial + ((gb * ranks + rank) * p.slots_max) * (kE + 1);
     for (int jb = 0; jb < count; jb += kBlock) {
       double acc[kTiles][2] = {};  // this warp's sums D(slot, 8 nt + 2 (lane % 4) + h)
-      double weight = 0;  // Σ w_j(l) of slot jb + tid % kBlock over this thread's products
-      for (int sub = 0; sub < own; sub += kResidentSub) {
-        const int sub_len = own - sub < kResidentSub ? own - sub : kResidentSub;
-        __syncthreads();  // the previous sub-chunk's products are consumed
-        for (int idx = tid; idx < kResidentSub * kBlock; idx += blockDim.x) {
-          const int jj = idx % kBlock, l = idx / kBlock;
-          double w = 0;
-          if (jb + jj < count && l < sub_len) w = static_cast<double>(rows_s[(jb + jj) * slice + sub + l]) * scale_s[sub + l];
-          w_s[idx] = w;
-          weight += w;
-        }
-        __syncthreads();
-        // Steps of four points, dealt to the warps in turn, on the FP64 tensor cores: A(slot, point)
-        // are the products (zero past the sub-chunk and `count`), B(point, column) the values,
-        // whose swizzled pieces put the step's four rows in distinct banks.
-        for (int l4 = 4 * warp; l4 < sub_len; l4 += 4 * warps) {
-          const int l = l4 + step_point, row = sub + l;
-          const double a = w_s[l * kBlock + slot];
-          const scalar_t* value_row = values_s + row * kE;
+      double weight = 0;  // Σ w_j(l) of slot jb + slot over this lane's points
+      const bool live = jb + slot < count;
+      const float* slot_rows = rows_s + (jb + slot) * slice;
+      // Steps of four points, dealt to the warps in turn: A(slot, point) are the products, B(point,
+      // column) the values, whose swizzled pieces put the step's four rows in distinct banks.
+      for (int l4 = 4 * warp; l4 < own; l4 += 4 * warps) {
+        const int row = l4 + step_point;
+        const bool in = row < own;
+        const double a = live && in ? static_cast<double>(slot_rows[row]) * scale_s[row] : 0.0;
+        weight += a;
+        const scalar_t* value_row = values_s + row * kE;
 #pragma unroll
-          for (int nt = 0; nt < kTiles; ++nt) {
-            const double b = l < sub_len ? static_cast<double>(to_acc(value_row[(nt ^ (row & 3)) * 8 + slot])) : 0.0;
-            dmma_m8n8k4(acc[nt][0], acc[nt][1], a, b);
-          }
+        for (int nt = 0; nt < kTiles; ++nt) {
+          const double b = in ? static_cast<double>(to_acc(value_row[(nt ^ (row & 3)) * 8 + slot])) : 0.0;
+          dmma_m8n8k4(acc[nt][0], acc[nt][1], a, b);
         }
       }
-      __syncthreads();
-      w_s[tid] = weight;  // w_s holds kResidentSub * kBlock ≥ kResidentMaxThreads doubles
+      __syncthreads();  // the previous block's sums and weights are written out
+      w_s[tid] = weight;
       for (int w = 0; w < warps; ++w) {  // fixed-order sums over the warps
         if (warp == w) {
 #pragma unroll
@@ -508,9 +499,12 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
         }
         __syncthreads();
       }
-      if (tid < kBlock) {
+      if (tid < kBlock) {  // the lanes of slot tid: lane / 4 == tid in every warp, in thread order
         double total = 0;
-        for (int t = tid; t < blockDim.x; t += kBlock) total += w_s[t];
+        for (int w = 0; w < warps; ++w) {
+#pragma unroll
+          for (int k = 0; k < 4; ++k) total += w_s[w * 32 + tid * 4 + k];
+        }
         sums_s[tid * (kE + 1) + kE] = total;
       }
       __syncthreads();
