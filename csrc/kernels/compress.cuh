@@ -10,7 +10,8 @@
 //      reduction. Bins of more slots choose their pivots in rounds (compress_block.cuh);
 //   3. weights_partial: Σ_l R(:, l) e^{(s_l - s_ref)/2} [v_l | 1] over chunks of points;
 //   4. finalize: sums the chunks in double, multiplies by G_SS^-1: each slot up to its factor;
-//   5. write_group: applies the factors, shifted per group where they would overflow.
+//   5. write_group: applies the factors, shifted per group where they would overflow, and copies
+//      the core keys.
 #pragma once
 
 #include <cuda_runtime.h>

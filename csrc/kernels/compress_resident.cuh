@@ -445,8 +445,9 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   // kResidentSlotBlock slots, on the FP64 tensor cores. Each lane forms its own A element, the
   // product w_j(l) = R_j(l) e^{(s_l - s_ref)/2} of its slot and point (zero past `count`), rather
   // than staging the products in shared memory behind two block barriers per 128 points (NOTES.md,
-  // session 9). Every product is still formed once, and each warp meets its points in ascending
-  // order as before, so the value sums are unchanged; the weights' sums are added in another order.
+  // session 9). Every product is still formed once. With 1, 2, 4 or 8 warps each warp meets the
+  // same points in the same order as before, so the value sums are unchanged; other warp counts,
+  // and the weights' sums, add in another fixed order.
   if (count > 0 && own > 0) {
     __syncthreads();  // the key slice is no longer read: the value slice takes its place
     const scalar_t* values = p.values + (g * p.n + start + first) * kE;
