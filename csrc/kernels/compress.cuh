@@ -211,12 +211,14 @@ struct StatsFinalizeParams {
   float* key_mean;  // (G, E)
   T* out_min;       // (G, D)
   T* out_max;       // (G, D)
+  unsigned long long* group_top;  // (G): zeroed here, raised by finalize_kernel (write_group_kernel's shift)
 };
 
 template <typename T>
 __global__ void group_stats_finalize_kernel(StatsFinalizeParams<T> p) {
   const int64_t g = blockIdx.x;
   const int64_t valid = group_length(p.lengths, g, p.n);
+  if (threadIdx.x == 0) p.group_top[g] = 0;  // the identity of the ordered maximum
   for (int64_t c = threadIdx.x; c < p.e; c += blockDim.x) {
     double sum = 0;
     for (int64_t s = 0; s < p.splits; ++s) sum += p.key_sum[(g * p.splits + s) * p.e + c];
@@ -321,6 +323,17 @@ __device__ double block_max(double mine, double* scratch) {
   const double result = scratch[kThreads / 32];
   __syncthreads();
   return result;
+}
+
+// A double as an unsigned integer of the same order (NaN aside), so that atomicMax on the integers
+// keeps the largest double: negative numbers have every bit flipped, the others their sign bit set.
+// Every encoded value is above 0, which therefore stands for "no value yet".
+__device__ __forceinline__ unsigned long long ordered_bits(double x) {
+  const unsigned long long bits = static_cast<unsigned long long>(__double_as_longlong(x));
+  return bits >> 63 ? ~bits : bits | (1ull << 63);
+}
+__device__ __forceinline__ double from_ordered_bits(unsigned long long u) {
+  return __longlong_as_double(static_cast<long long>(u >> 63 ? u & ~(1ull << 63) : ~u));
 }
 
 // Shared memory of pivot_kernel: the reduction scratch (64 doubles) and g (double), then mean and
@@ -720,7 +733,7 @@ struct FinalizeParams {
   double* rhs;                // (G*C, column tiles, slots_max, tile_cols + 1) workspace
   double* scaled;             // (G, kept, D + 1): values | weight of each slot, up to
   double* log_scale;          // (G, kept): ... the factor e^{log_scale} (write_group_kernel)
-  double* tops;               // (G*C, column tiles): the largest log|entry| + log_scale of each CTA's entries
+  unsigned long long* group_top;  // (G): the group's largest log|entry| + log_scale, as ordered_bits
   int64_t* core_indices;      // (G, kept)
 };
 
@@ -750,14 +763,13 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeParams<scala
   const T* vmax = p.value_max + g * dv;
   const int64_t tile = blockIdx.y, tile_cols = p.tile_cols, c_begin = tile * tile_cols;
   // This CTA's share of the group's overflow guard (write_group_kernel): the largest
-  // log|entry| + log_scale over the entries it writes, -inf where all are zero.
+  // log|entry| + log_scale over the entries it writes, raised into the group's maximum.
   __shared__ double scratch[kThreads / 32 + 1];
-  double* top = p.tops + gb * gridDim.y + tile;
+  const auto raise_top = [&](double largest) {
+    if (threadIdx.x == 0 && largest > -INFINITY) atomicMax(p.group_top + g, ordered_bits(largest));
+  };
   if (length <= slots) {  // exact bin: V̂ = V (- v_c), w = 1; the first tile writes it all
-    if (tile != 0) {
-      if (threadIdx.x == 0) *top = -INFINITY;
-      return;
-    }
+    if (tile != 0) return;
     const scalar_t* values = p.values + (g * p.n + start) * dv;
     double largest = length > 0 ? 1.0 : 0.0;  // the weights; every log_scale here is 0
     for (int64_t o = threadIdx.x; o < length * dv; o += kThreads) {
@@ -768,7 +780,7 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeParams<scala
       largest = fabs(x) > largest ? fabs(x) : largest;
     }
     largest = block_max<kThreads>(largest, scratch);  // one logarithm: log is monotonic
-    if (threadIdx.x == 0) *top = largest > 0 ? log(largest) : -INFINITY;
+    raise_top(largest > 0 ? log(largest) : -INFINITY);
     for (int64_t l = threadIdx.x; l < length; l += kThreads) {
       scaled[l * cols + dv] = 1.0;
       core_indices[l] = start + l;
@@ -830,7 +842,7 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(FinalizeParams<scala
     }
   }
   magnitude = block_max<kThreads>(magnitude, scratch);
-  if (threadIdx.x == 0) *top = magnitude;
+  raise_top(magnitude);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -841,59 +853,58 @@ template <typename scalar_t, typename T>
 struct WriteGroupParams {
   const double* scaled;       // (G, kept, D + 1)
   const double* log_scale;    // (G, kept)
-  const double* tops;         // (G, tops_per_group): finalize_kernel's per-CTA largest magnitudes
+  const unsigned long long* group_top;  // (G): finalize_kernel's largest magnitude, as ordered_bits
   const scalar_t* keys;       // (G, N, E)
   const int64_t* core_indices;  // (G, kept)
-  int64_t n, e, kept, dv, tops_per_group;
+  int64_t n, e, kept, dv;
   T* core_values;             // (G, kept, D)
   T* core_weights;            // (G, kept)
   scalar_t* core_keys;        // (G, kept, E)
 };
 
-constexpr int64_t kWriteSlots = 16;  // slots per CTA of write_group_kernel
+constexpr int64_t kWriteSlots = 16;  // slots per CTA step of write_group_kernel
 
-// grid (G, slot chunks of kWriteSlots): slot i's values and weight are scaled[i] e^{log_scale[i]},
-// and that factor e^{(s_ref - s_p)/2} overflows float32 once β R_q R_k is in the hundreds. A factor
-// common to all of a group's values and weights cancels in the estimator, so the group is shifted
-// down by e^{-shift} just enough that its largest entry, summed over the group's slots, stays in T's
-// range; groups that need no shift get the plain products (the CPU's write_group). The group's
-// largest entry comes from finalize_kernel's CTAs, so every chunk of a group finds the same shift
-// from a few loads; each CTA also copies its slots' keys (the core keys) from the keys.
+// grid (G, up to 65,535 CTAs that step over the chunks of kWriteSlots slots): slot i's values and
+// weight are scaled[i] e^{log_scale[i]}, and that factor e^{(s_ref - s_p)/2} overflows float32 once
+// β R_q R_k is in the hundreds. A factor common to all of a group's values and weights cancels in
+// the estimator, so the group is shifted down by e^{-shift} just enough that its largest entry,
+// summed over the group's slots, stays in T's range; groups that need no shift get the plain
+// products (the CPU's write_group). finalize_kernel's CTAs leave the group's largest entry in one
+// word, so every chunk finds the same shift; each CTA also copies its slots' keys (the core keys).
 template <typename scalar_t, typename T, int kThreads>
 __global__ void __launch_bounds__(kThreads) write_group_kernel(WriteGroupParams<scalar_t, T> p) {
-  __shared__ double scratch[kThreads / 32 + 1];
   __shared__ double factors[kWriteSlots], exponents[kWriteSlots];
   const int64_t g = blockIdx.x, cols = p.dv + 1;
-  const int64_t first = blockIdx.y * kWriteSlots;
-  const int64_t count = p.kept - first < kWriteSlots ? p.kept - first : kWriteSlots;
-  double top = -INFINITY;
-  for (int64_t t = threadIdx.x; t < p.tops_per_group; t += kThreads) {
-    const double m = p.tops[g * p.tops_per_group + t];
-    top = m > top ? m : top;
-  }
-  top = block_max<kThreads>(top, scratch);
+  const unsigned long long top_bits = p.group_top[g];
+  const double top = top_bits == 0 ? -INFINITY : from_ordered_bits(top_bits);  // 0: every entry is zero
   const double limit = log(static_cast<double>(sizeof(T) == 4 ? FLT_MAX : DBL_MAX)) - log(2.0 * p.kept);
   const double shift = top > limit ? top - limit : 0.0;
-  const double* log_scale = p.log_scale + g * p.kept + first;
-  for (int64_t i = threadIdx.x; i < count; i += kThreads) {  // one exponential per slot
-    exponents[i] = log_scale[i] - shift;
-    factors[i] = exp(exponents[i]);
-  }
-  __syncthreads();
-  const double* scaled = p.scaled + (g * p.kept + first) * cols;
-  for (int64_t o = threadIdx.x; o < count * cols; o += kThreads) {
-    const int64_t i = o / cols, c = o % cols;
-    const T y = static_cast<T>(scaled_product(scaled[o], exponents[i], factors[i]));
-    if (c < p.dv) {
-      p.core_values[(g * p.kept + first + i) * p.dv + c] = y;
-    } else {
-      p.core_weights[g * p.kept + first + i] = y;
+  const int64_t chunks = (p.kept + kWriteSlots - 1) / kWriteSlots;
+  for (int64_t chunk = blockIdx.y; chunk < chunks; chunk += gridDim.y) {
+    const int64_t first = chunk * kWriteSlots;
+    const int64_t count = p.kept - first < kWriteSlots ? p.kept - first : kWriteSlots;
+    const double* log_scale = p.log_scale + g * p.kept + first;
+    __syncthreads();  // the previous chunk's factors are consumed
+    for (int64_t i = threadIdx.x; i < count; i += kThreads) {  // one exponential per slot
+      exponents[i] = log_scale[i] - shift;
+      factors[i] = exp(exponents[i]);
     }
-  }
-  const int64_t* indices = p.core_indices + g * p.kept + first;
-  for (int64_t o = threadIdx.x; o < count * p.e; o += kThreads) {
-    const int64_t i = o / p.e, c = o % p.e;
-    p.core_keys[(g * p.kept + first + i) * p.e + c] = p.keys[(g * p.n + indices[i]) * p.e + c];
+    __syncthreads();
+    const double* scaled = p.scaled + (g * p.kept + first) * cols;
+    for (int64_t o = threadIdx.x; o < count * cols; o += kThreads) {
+      const int64_t i = o / cols, c = o % cols;
+      const T y = static_cast<T>(scaled_product(scaled[o], exponents[i], factors[i]));
+      if (c < p.dv) {
+        p.core_values[(g * p.kept + first + i) * p.dv + c] = y;
+      } else {
+        p.core_weights[g * p.kept + first + i] = y;
+      }
+    }
+    const int64_t* indices = p.core_indices + g * p.kept + first;
+    for (int64_t o = threadIdx.x; o < count * p.e; o += kThreads) {
+      const int64_t i = o / p.e, c = o % p.e;
+      p.core_keys[(g * p.kept + first + i) * p.e + c] = p.keys[(g * p.n + indices[i]) * p.e + c];
+    }
   }
 }
 

@@ -289,6 +289,27 @@ def test_rank_at_least_length_is_exact(dtype, n, rank, bins):
     assert (out.double() - exact).abs().max() <= 2 * sdpa_err  # no worse than twice torch's SDPA
 
 
+def test_rank_far_above_length_keeps_every_key():
+    """r >> N keeps every key (§2.4). The per-slot workspaces are sized by the longest bin, not by r:
+    sized by r, 2^40 slots would ask for petabytes."""
+    k, v = randn(2, 300, 64, dtype=torch.bfloat16), randn(2, 300, 64, dtype=torch.bfloat16)
+    gpu = wildcat.ops.compress_kv(*to("cuda", k, v), 2**40, 3, None, None, 5)
+    assert torch.equal(gpu.core_keys.cpu(), k) and torch.equal(gpu.core_values.cpu(), v.float())
+    assert torch.equal(gpu.core_weights.cpu(), torch.ones(2, 300))
+    assert torch.equal(gpu.core_indices.cpu(), torch.arange(300).expand(2, -1))
+
+
+def test_more_kept_entries_than_one_write_grid_covers():
+    """More than 65,535 chunks of 16 slots in one group: the coreset's write kernel steps over the
+    chunks its grid cannot hold (it used to refuse r above 1,048,560)."""
+    n = 65_536 * 16 + 1000
+    k, v = randn(1, n, 8, dtype=torch.bfloat16), randn(1, n, 8, dtype=torch.bfloat16)
+    gpu = wildcat.ops.compress_kv(*to("cuda", k, v), n, 1, None, None, 5)
+    assert torch.equal(gpu.core_keys.cpu(), k) and torch.equal(gpu.core_values.cpu(), v.float())
+    assert torch.equal(gpu.core_weights.cpu(), torch.ones(1, n))
+    assert torch.equal(gpu.core_indices.cpu(), torch.arange(n)[None])
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("shape,kv_heads", [((2, 8, 1000, 64), 2), ((1, 4, 3, 128), 4), ((40, 2051, 32), 5),
                                             ((5, 64), 1), ((2, 4, 0, 64), 2), ((1, 2, 300, 20), 1)])

@@ -46,11 +46,8 @@ struct PivotWorkspace {
   int64_t* pivots = nullptr;
   int32_t* counts = nullptr;
 
-  PivotWorkspace(int64_t rows_count, int64_t rank, int64_t n, int64_t num_bins, bool per_point = true)
-      : rows_count(rows_count),
-        slots_max((rank + num_bins - 1) / num_bins),
-        length_max((n + num_bins - 1) / num_bins),
-        per_point(per_point) {}
+  PivotWorkspace(int64_t rows_count, int64_t slots_max, int64_t length_max, bool per_point = true)
+      : rows_count(rows_count), slots_max(slots_max), length_max(length_max), per_point(per_point) {}
 
   // Declares in `scratch` every array not already pointed elsewhere (rp_nystrom's outputs).
   void reserve(Scratch& scratch) {
@@ -369,9 +366,12 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
       vector_stats ? std::clamp<int64_t>((n + kStatsVectorChunk - 1) / kStatsVectorChunk, 1, 65535)
                    : std::max<int64_t>(1, std::min<int64_t>(64, (n + kStatsChunk - 1) / kStatsChunk));
   const int64_t chunk = (n + splits - 1) / splits;
-  // 2-3. pivots (bins kept exactly are skipped inside) and the weighted sums over chunks of points
-  const int64_t slots_max = (rank + num_bins - 1) / num_bins, length_max = (n + num_bins - 1) / num_bins;
-  const bool any_sampled = rank < n;  // else every bin is kept exactly
+  // 2-3. pivots (bins kept exactly are skipped inside) and the weighted sums over chunks of points.
+  // Only a sampled bin (fewer slots than points) uses the per-slot arrays, and where r >= N every bin
+  // is kept exactly: then they get no slots, however large r (they would take r^2 doubles).
+  const bool any_sampled = rank < n;
+  const int64_t length_max = (n + num_bins - 1) / num_bins;
+  const int64_t slots_max = any_sampled ? (rank + num_bins - 1) / num_bins : 0;
   const ResidentPlan plan = any_sampled ? plan_resident<cuda_t>(keys, values, e, dv, slots_max, length_max)
                                         : ResidentPlan{};
   const int64_t sums_chunk = plan.cluster > 0 ? plan.slice : kWeightsChunk;  // points per partial sum
@@ -382,19 +382,20 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
   const int64_t finalize_tiles = (dv + 1 + tile_cols - 1) / tile_cols;
 
   Scratch scratch;
-  double *key_sum, *part_min, *part_max, *partial, *rhs, *scaled, *log_scale, *tops;
+  double *key_sum, *part_min, *part_max, *partial, *rhs, *scaled, *log_scale;
   float* key_mean;
+  unsigned long long* group_top;
   scratch.add(key_sum, groups * splits * e);
   scratch.add(part_min, groups * splits * dv);
   scratch.add(part_max, groups * splits * dv);
   scratch.add(key_mean, groups * e);
-  PivotWorkspace<T> ws(groups * num_bins, rank, n, num_bins, /*per_point=*/plan.cluster == 0);
+  PivotWorkspace<T> ws(groups * num_bins, slots_max, length_max, /*per_point=*/plan.cluster == 0);
   ws.reserve(scratch);
   scratch.add(partial, groups * num_bins * chunks_max * slots_max * (dv + 1));
   scratch.add(rhs, groups * num_bins * finalize_tiles * slots_max * (tile_cols + 1));
   scratch.add(scaled, groups * kept * (dv + 1));  // every entry: finalize
   scratch.add(log_scale, groups * kept);
-  scratch.add(tops, groups * num_bins * finalize_tiles);
+  scratch.add(group_top, groups);
   const at::Tensor scratch_buffer = scratch.allocate(device);
   ws.clear(stream, /*zero_rows=*/false);
 
@@ -407,7 +408,7 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   kernels::group_stats_finalize_kernel<T><<<groups, 256, 0, stream>>>(kernels::StatsFinalizeParams<T>{
-      key_sum, part_min, part_max, lengths, n, e, dv, splits, key_mean, value_min, value_max});
+      key_sum, part_min, part_max, lengths, n, e, dv, splits, key_mean, value_min, value_max, group_top});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   std::optional<at::Tensor> qn;
@@ -462,20 +463,18 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
   kernels::FinalizeParams<cuda_t, T> fp{device_ptr<scalar_t>(values), partial, ws.kinv, ws.sq_norm, ws.max_sq_norm,
                                         ws.pivots, ws.counts, value_min, value_max, lengths, center_values, n, dv,
                                         rank, num_bins, kept, ws.slots_max, ws.length_max, sums_chunk, chunks_max,
-                                        tile_cols, rhs, scaled, log_scale, tops,
+                                        tile_cols, rhs, scaled, log_scale, group_top,
                                         out.core_indices.mutable_data_ptr<int64_t>()};
   kernels::finalize_kernel<cuda_t, T, kFinalizeThreads>
       <<<dim3(groups * num_bins, finalize_tiles), kFinalizeThreads, 0, stream>>>(fp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // 5. the outputs, shifted per group where they would overflow, and the core keys
-  const int64_t write_chunks = (kept + kernels::kWriteSlots - 1) / kernels::kWriteSlots;
-  TORCH_CHECK_VALUE(write_chunks <= 65535, "wildcat.compress_kv: CUDA takes r of at most ",
-                    65535 * kernels::kWriteSlots, ", got ", rank);
+  const int64_t write_chunks = std::min<int64_t>((kept + kernels::kWriteSlots - 1) / kernels::kWriteSlots, 65535);
   kernels::write_group_kernel<cuda_t, T, kFinalizeThreads><<<dim3(groups, write_chunks), kFinalizeThreads, 0, stream>>>(
-      kernels::WriteGroupParams<cuda_t, T>{scaled, log_scale, tops, device_ptr<scalar_t>(keys),
+      kernels::WriteGroupParams<cuda_t, T>{scaled, log_scale, group_top, device_ptr<scalar_t>(keys),
                                            out.core_indices.const_data_ptr<int64_t>(), n, e, kept, dv,
-                                           num_bins * finalize_tiles, out.core_values.mutable_data_ptr<T>(),
+                                           out.core_values.mutable_data_ptr<T>(),
                                            out.core_weights.mutable_data_ptr<T>(),
                                            reinterpret_cast<cuda_t*>(out.core_keys.mutable_data_ptr<scalar_t>())});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -526,7 +525,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rp_nystrom_cuda(const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, points.scalar_type(), "wildcat_rp_nystrom_cuda", [&] {
     using T = typename CudaType<scalar_t>::acc;
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    PivotWorkspace<T> ws(groups, kept, n, 1);
+    PivotWorkspace<T> ws(groups, kept, n);
     pivots = at::empty({groups, kept}, points.options().dtype(at::kLong));  // the outputs are kernel arrays
     at::Tensor kinv_double = at::empty({groups, kept, kept}, points.options().dtype(at::kDouble));
     rows = at::empty({groups, kept, n}, points.options().dtype(acc));
