@@ -78,7 +78,7 @@ struct ResidentParams {
 // Shared memory: the key slice (reused for the value slice), the kernel rows, the points' scale
 // factors, then the small arrays. All offsets are 16-byte multiples.
 struct ResidentLayout {
-  size_t rows, scale, w, kinv, mean, xp, g_d, a, g_t, sums, candidates, candidate_keys, reduce, bytes;
+  size_t rows, scale, w, kinv, mean, xp, g_d, a, g_t, sums, candidates, candidate_keys, warp_candidates, reduce, bytes;
 };
 
 __host__ __device__ inline size_t resident_align16(size_t x) { return (x + 15) / 16 * 16; }
@@ -98,7 +98,8 @@ __host__ __device__ inline ResidentLayout resident_layout(int e, int slice, int6
   l.sums = at, at += resident_align16(sizeof(double) * kResidentSlotBlock * (e + 1));
   l.candidates = at, at += resident_align16(sizeof(ResidentCandidate) * 2);
   l.candidate_keys = at, at += resident_align16(2 * static_cast<size_t>(e) * 2);  // 16-bit keys
-  l.reduce = at, at += resident_align16(sizeof(double) * 8 + sizeof(ArgMax) * (kResidentMaxThreads / 32 + 1));
+  l.warp_candidates = at, at += resident_align16(sizeof(ResidentCandidate) * (kResidentMaxThreads / 32));
+  l.reduce = at, at += resident_align16(sizeof(double) * (8 + kResidentMaxThreads / 32));
   l.bytes = at;
   return l;
 }
@@ -130,33 +131,18 @@ __device__ __forceinline__ void resident_copy_16(void* shared, const void* globa
 }
 __device__ __forceinline__ void resident_copy_wait() { asm volatile("cp.async.wait_all;\n" ::); }
 
-// Block-wide reductions for a runtime block size (a multiple of 32); every thread gets the result.
-__device__ inline ArgMax resident_block_argmax(ArgMax mine, ArgMax* scratch) {
+// Argmax over a warp; every lane gets the result.
+__device__ __forceinline__ ArgMax resident_warp_argmax(ArgMax mine) {
   for (int offset = 16; offset > 0; offset >>= 1) {
     ArgMax other;
     other.score = __shfl_xor_sync(0xffffffffu, mine.score, offset);
     other.index = __shfl_xor_sync(0xffffffffu, mine.index, offset);
     mine = better(mine, other);
   }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  if (lane == 0) scratch[warp] = mine;
-  __syncthreads();
-  if (warp == 0) {
-    mine = lane < warps ? scratch[lane] : ArgMax{-INFINITY, -1};
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      ArgMax other;
-      other.score = __shfl_xor_sync(0xffffffffu, mine.score, offset);
-      other.index = __shfl_xor_sync(0xffffffffu, mine.index, offset);
-      mine = better(mine, other);
-    }
-    if (lane == 0) scratch[warps] = mine;
-  }
-  __syncthreads();
-  const ArgMax result = scratch[warps];
-  __syncthreads();  // scratch is reused by the next reduction
-  return result;
+  return mine;
 }
 
+// Block-wide maximum for a runtime block size (a multiple of 32); every thread gets the result.
 __device__ inline double resident_block_max(double mine, double* scratch) {
   for (int offset = 16; offset > 0; offset >>= 1) {
     const double other = __shfl_xor_sync(0xffffffffu, mine, offset);
@@ -223,12 +209,12 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   double* sums_s = reinterpret_cast<double*>(smem_raw + lay.sums);
   ResidentCandidate* candidates = reinterpret_cast<ResidentCandidate*>(smem_raw + lay.candidates);
   uint4* candidate_keys = reinterpret_cast<uint4*>(smem_raw + lay.candidate_keys);  // [2][kPieces]: their keys
+  ResidentCandidate* warp_candidates = reinterpret_cast<ResidentCandidate*>(smem_raw + lay.warp_candidates);
   // [0] the CTA's largest centred norm and [1] largest s (read by the cluster), [2], [3] the
-  // cluster's; [4] the step's pivot (as int)
+  // cluster's; [4] the step's pivot (as int); then one double per warp for block maxima
   double* stats = reinterpret_cast<double*>(smem_raw + lay.reduce);
   int* pivot_s = reinterpret_cast<int*>(stats + 4);
-  ArgMax* arg_scratch = reinterpret_cast<ArgMax*>(stats + 8);
-  double* max_scratch = reinterpret_cast<double*>(arg_scratch);  // one double per warp, ≤ 8 × 16 bytes
+  double* max_scratch = stats + 8;
 
   // Copy this slice's keys (16-byte pieces; row l's piece k lands in piece k ^ ((l / kPts) & 7)).
   const scalar_t* keys = p.keys + (g * p.n + start + first) * kE;
@@ -242,11 +228,27 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   __syncthreads();
 
   const int l0 = tid * kPts;  // this thread's points l0 .. l0 + kPts - 1 (valid below `own`)
-  // The CTA's candidate also publishes its key, so that the other CTAs read it with the candidate.
-  const auto publish_key = [&](int64_t index, int buffer) {
-    if (index >= 0 && tid < kPieces) {
-      const int l = static_cast<int>(index) - first;
-      candidate_keys[buffer * kPieces + tid] = keys_s[l * kPieces + (tid ^ ((l / kPts) & 7))];
+  const int warp = tid / 32, warps = blockDim.x / 32;
+  // The CTA's candidate for the next pivot from each thread's best point (and that point's
+  // residual), published in `buffer` with its key, so that the other CTAs read both after the
+  // cluster barrier. The warps' bests meet in shared memory and warp 0 takes theirs: one block
+  // barrier, the cluster barrier that follows orders the rest.
+  const auto publish_candidate = [&](ArgMax mine, float mine_residual, int buffer) {
+    const ArgMax top = resident_warp_argmax(mine);
+    if (mine.index == top.index && mine.index >= 0) {
+      warp_candidates[warp] = ResidentCandidate{top.score, static_cast<int32_t>(top.index), mine_residual, 0};
+    }
+    if (lane == 0 && top.index < 0) warp_candidates[warp] = ResidentCandidate{-INFINITY, -1, 0.0f, 0};
+    __syncthreads();
+    if (tid < 32) {
+      const ResidentCandidate c = lane < warps ? warp_candidates[lane] : ResidentCandidate{-INFINITY, -1, 0.0f, 0};
+      const ArgMax cta = resident_warp_argmax(ArgMax{c.score, c.index});
+      if (c.index == cta.index && c.index >= 0) candidates[buffer] = c;
+      if (lane == 0 && cta.index < 0) candidates[buffer] = ResidentCandidate{-INFINITY, -1, 0.0f, 0};
+      if (cta.index >= 0 && lane < kPieces) {
+        const int l = static_cast<int>(cta.index) - first;
+        candidate_keys[buffer * kPieces + lane] = keys_s[l * kPieces + (lane ^ ((l / kPts) & 7))];
+      }
     }
   };
   // f(c, values[kPts][8]) over the pieces of this thread's points, in column order.
@@ -329,52 +331,28 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   }
   local = resident_block_max(local, max_scratch);
   if (tid == 0) stats[1] = local;
-  best = resident_block_argmax(best, arg_scratch);
-  if (tid == 0) candidates[0] = ResidentCandidate{best.score, static_cast<int32_t>(best.index), 1.0f, 0};
-  publish_key(best.index, 0);
+  publish_candidate(best, 1.0f, 0);
 
   int count = 0;
   for (int i = 0; i < slots; ++i) {
     step_barrier();  // every CTA's candidate of this step (and, at i = 0, its s max) is published
+    // Warp 0 takes the cluster's argmax and the pivot's coordinates x_p = m (k_p - mean): all the
+    // distances need. The bordering waits until the other warps are on their distances.
+    float d_p = 0.0f;  // the pivot's residual (warp 0)
     if (tid < 32) {
-      // the cluster's argmax, then the bordering: g = (L a, -1) / sqrt(d_p), a_j = R_j(p)
       const ResidentCandidate c =
           lane < ranks ? cluster.map_shared_rank(candidates, lane)[i & 1] : ResidentCandidate{-INFINITY, -1, 0.0f, 0};
-      ArgMax top{c.score, c.index};
-      for (int offset = 16; offset > 0; offset >>= 1) {
-        ArgMax other;
-        other.score = __shfl_xor_sync(0xffffffffu, top.score, offset);
-        other.index = __shfl_xor_sync(0xffffffffu, top.index, offset);
-        top = better(top, other);
-      }
-      if (i == 0) {
-        double v = lane < ranks ? *cluster.map_shared_rank(&stats[1], lane) : 0.0;
-        for (int offset = 16; offset > 0; offset >>= 1) {
-          const double o = __shfl_xor_sync(0xffffffffu, v, offset);
-          v = o > v ? o : v;
-        }
-        if (tid == 0) stats[3] = v;
-      }
+      const ArgMax top = resident_warp_argmax(ArgMax{c.score, c.index});
       const int piv = static_cast<int>(top.index);
       if (piv >= 0) {
         const int owner = piv / slice;
-        const float d_p = __shfl_sync(0xffffffffu, c.residual, owner);
-        const float* owner_rows = cluster.map_shared_rank(rows_s, owner);
-        for (int j = lane; j < i; j += 32) a_s[j] = static_cast<double>(owner_rows[j * slice + piv - owner * slice]);
-        if (lane < kPieces) {  // x_p = m (k_p - mean)
+        d_p = __shfl_sync(0xffffffffu, c.residual, owner);
+        if (lane < kPieces) {
           float key[8];
           unpack8(cluster.map_shared_rank(candidate_keys, owner)[(i & 1) * kPieces + lane], key, scalar_t{});
 #pragma unroll
           for (int j = 0; j < 8; ++j) xp_s[lane * 8 + j] = (key[j] - mean_s[lane * 8 + j]) * m_t;
         }
-        __syncwarp();
-        const double inv_sqrt_dp = 1.0 / sqrt(static_cast<double>(d_p));
-        for (int a = lane; a < i; a += 32) {
-          double acc = 0;
-          for (int j = 0; j < i; ++j) acc += kinv_s[a * p.slots_max + j] * a_s[j];
-          g_d[a] = acc * inv_sqrt_dp;
-        }
-        if (lane == 0) g_d[i] = -inv_sqrt_dp;
       }
       if (tid == 0) *pivot_s = piv;
     }
@@ -383,12 +361,32 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     if (piv < 0) break;  // every residual <= tol (early stop); the same on every CTA
     count = i + 1;
     if (rank == 0 && tid == 0) p.pivots[gb * p.slots_max + i] = piv;
-    for (int idx = tid; idx < (i + 1) * (i + 1); idx += blockDim.x) {
-      const int a = idx / (i + 1), c = idx % (i + 1);
-      kinv_s[a * p.slots_max + c] += g_d[a] * g_d[c];
+    if (tid < 32) {
+      // the bordering: g = (L a, -1) / sqrt(d_p), a_j = R_j(p) from the owner's kernel rows
+      if (i == 0) {
+        double v = lane < ranks ? *cluster.map_shared_rank(&stats[1], lane) : 0.0;
+        for (int offset = 16; offset > 0; offset >>= 1) {
+          const double o = __shfl_xor_sync(0xffffffffu, v, offset);
+          v = o > v ? o : v;
+        }
+        if (tid == 0) stats[3] = v;
+      }
+      const int owner = piv / slice;
+      const float* owner_rows = cluster.map_shared_rank(rows_s, owner);
+      for (int j = lane; j < i; j += 32) a_s[j] = static_cast<double>(owner_rows[j * slice + piv - owner * slice]);
+      __syncwarp();
+      const double inv_sqrt_dp = 1.0 / sqrt(static_cast<double>(d_p));
+      for (int a = lane; a < i; a += 32) {
+        double acc = 0;
+        for (int j = 0; j < i; ++j) acc += kinv_s[a * p.slots_max + j] * a_s[j];
+        g_d[a] = acc * inv_sqrt_dp;
+        g_t[a] = static_cast<float>(g_d[a]);
+      }
+      if (lane == 0) {
+        g_d[i] = -inv_sqrt_dp;
+        g_t[i] = static_cast<float>(-inv_sqrt_dp);
+      }
     }
-    for (int a = tid; a <= i; a += blockDim.x) g_t[a] = static_cast<float>(g_d[a]);
-    __syncthreads();
 
     // R_i(l) = exp(-|x_p - x_l|^2 / 2) (no cancellation; exactly 0 distance for a copy of the pivot)
     float dist[kPts] = {};
@@ -403,6 +401,12 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
         }
       }
     });
+    __syncthreads();  // g is written
+    // L += g g^T: read again only by the next step's bordering, after the cluster barrier
+    for (int idx = tid; idx < (i + 1) * (i + 1); idx += blockDim.x) {
+      const int a = idx / (i + 1), c = idx % (i + 1);
+      kinv_s[a * p.slots_max + c] += g_d[a] * g_d[c];
+    }
     const bool last = i + 1 == slots;
     best = ArgMax{-INFINITY, -1};
     float best_residual = 0.0f;
@@ -431,13 +435,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
       }
     }
     if (last) break;
-    // the block's candidate; its residual comes from the thread that holds it
-    const ArgMax top = resident_block_argmax(best, arg_scratch);
-    if (best.index == top.index && best.index >= 0) {
-      candidates[(i + 1) & 1] = ResidentCandidate{top.score, static_cast<int32_t>(top.index), best_residual, 0};
-    }
-    if (tid == 0 && top.index < 0) candidates[(i + 1) & 1] = ResidentCandidate{-INFINITY, -1, 0.0f, 0};
-    publish_key(top.index, (i + 1) & 1);
+    publish_candidate(best, best_residual, (i + 1) & 1);
   }
   const double s_ref = stats[3];
 
@@ -464,7 +462,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     constexpr int kBlock = kResidentSlotBlock, kTiles = kE / 8;
     static_assert(kBlock == 8, "m8n8k4 steps: 8 slots by 4 points");
     const scalar_t* values_s = reinterpret_cast<const scalar_t*>(keys_s);
-    const int warp = tid / 32, warps = blockDim.x / 32, slot = lane / 4, step_point = lane % 4;
+    const int slot = lane / 4, step_point = lane % 4;
     double* out = p.partial + ((gb * ranks + rank) * p.slots_max) * (kE + 1);
     for (int jb = 0; jb < count; jb += kBlock) {
       double acc[kTiles][2] = {};  // this warp's sums D(slot, 8 nt + 2 (lane % 4) + h)
