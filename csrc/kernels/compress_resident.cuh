@@ -11,9 +11,13 @@
 // each CTA forms its slice's weighted value sums (double, as the general kernel does) and writes
 // them as one chunk of compress_kv's `partial` workspace, so stages 4 and 5 are shared.
 //
-// The per-point arithmetic is the general pivot kernel's, operation for operation (same centring,
-// same squared-difference kernel rows, same order of the sums, same random stream), so the same
-// seed picks the same pivots; only the split of the weighted sums into chunks differs.
+// The per-point arithmetic is the general pivot kernel's (same centring and norms, same order of
+// the sums, same random stream) but for the squared distances of the kernel rows: m^2 |k_p - k_l|^2
+// from the 16-bit keys' differences, one subtraction and one fused multiply-add per element, where
+// the general kernel forms |x_p - x_l|^2 from centred, scaled coordinates. The two agree up to
+// rounding, so the same seed picks the same pivots but where two scores tie to rounding (every
+// group of the benchmark suite agreed, benchmarks/NOTES.md, session 10); the split of the weighted
+// sums into chunks differs too.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -78,7 +82,7 @@ struct ResidentParams {
 // Shared memory: the key slice (reused for the value slice), the kernel rows, the points' scale
 // factors, then the small arrays. All offsets are 16-byte multiples.
 struct ResidentLayout {
-  size_t rows, scale, w, kinv, mean, xp, g_d, a, g_t, sums, candidates, candidate_keys, warp_candidates, reduce, bytes;
+  size_t rows, scale, w, kinv, mean, pivot_key, g_d, a, g_t, sums, candidates, candidate_keys, warp_candidates, reduce, bytes;
 };
 
 __host__ __device__ inline size_t resident_align16(size_t x) { return (x + 15) / 16 * 16; }
@@ -91,7 +95,7 @@ __host__ __device__ inline ResidentLayout resident_layout(int e, int slice, int6
   l.w = at, at += resident_align16(sizeof(double) * kResidentMaxThreads);  // the weighted sums' weights, per thread
   l.kinv = at, at += resident_align16(sizeof(double) * slots_max * slots_max);
   l.mean = at, at += resident_align16(sizeof(float) * e);
-  l.xp = at, at += resident_align16(sizeof(float) * e);
+  l.pivot_key = at, at += resident_align16(sizeof(float) * e);
   l.g_d = at, at += resident_align16(sizeof(double) * slots_max);
   l.a = at, at += resident_align16(sizeof(double) * slots_max);
   l.g_t = at, at += resident_align16(sizeof(float) * slots_max);
@@ -202,7 +206,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   double* w_s = reinterpret_cast<double*>(smem_raw + lay.w);
   double* kinv_s = reinterpret_cast<double*>(smem_raw + lay.kinv);
   float* mean_s = reinterpret_cast<float*>(smem_raw + lay.mean);
-  float* xp_s = reinterpret_cast<float*>(smem_raw + lay.xp);
+  float* kp_s = reinterpret_cast<float*>(smem_raw + lay.pivot_key);  // the step's pivot key
   double* g_d = reinterpret_cast<double*>(smem_raw + lay.g_d);
   double* a_s = reinterpret_cast<double*>(smem_raw + lay.a);
   float* g_t = reinterpret_cast<float*>(smem_raw + lay.g_t);
@@ -336,8 +340,8 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   int count = 0;
   for (int i = 0; i < slots; ++i) {
     step_barrier();  // every CTA's candidate of this step (and, at i = 0, its s max) is published
-    // Warp 0 takes the cluster's argmax and the pivot's coordinates x_p = m (k_p - mean): all the
-    // distances need. The bordering waits until the other warps are on their distances.
+    // Warp 0 takes the cluster's argmax and the pivot's key: all the distances need. The bordering
+    // waits until the other warps are on their distances.
     float d_p = 0.0f;  // the pivot's residual (warp 0)
     if (tid < 32) {
       const ResidentCandidate c =
@@ -348,10 +352,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
         const int owner = piv / slice;
         d_p = __shfl_sync(0xffffffffu, c.residual, owner);
         if (lane < kPieces) {
-          float key[8];
-          unpack8(cluster.map_shared_rank(candidate_keys, owner)[(i & 1) * kPieces + lane], key, scalar_t{});
-#pragma unroll
-          for (int j = 0; j < 8; ++j) xp_s[lane * 8 + j] = (key[j] - mean_s[lane * 8 + j]) * m_t;
+          unpack8(cluster.map_shared_rank(candidate_keys, owner)[(i & 1) * kPieces + lane], kp_s + lane * 8, scalar_t{});
         }
       }
       if (tid == 0) *pivot_s = piv;
@@ -388,19 +389,23 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
       }
     }
 
-    // R_i(l) = exp(-|x_p - x_l|^2 / 2) (no cancellation; exactly 0 distance for a copy of the pivot)
+    // R_i(l) = exp(-|x_p - x_l|^2 / 2) with |x_p - x_l|^2 = m^2 |k_p - k_l|^2: the centring
+    // cancels, and the difference of two 16-bit keys is exact in float unless their magnitudes are
+    // 2^16 apart, so each element costs one subtraction and one fused multiply-add (no cancellation;
+    // exactly 0 distance for a copy of the pivot).
     float dist[kPts] = {};
     for_each_piece([&](int c0, float (&x)[kPts][8]) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const float mean = mean_s[c0 + j], xp = xp_s[c0 + j];
+        const float kp = kp_s[c0 + j];
 #pragma unroll
         for (int q = 0; q < kPts; ++q) {
-          const float diff = (x[q][j] - mean) * m_t - xp;
+          const float diff = x[q][j] - kp;
           dist[q] += diff * diff;
         }
       }
     });
+    const float exponent_scale = -0.5f * m_t * m_t;
     __syncthreads();  // g is written
     // L += g g^T: read again only by the next step's bordering, after the cluster barrier
     for (int idx = tid; idx < (i + 1) * (i + 1); idx += blockDim.x) {
@@ -416,7 +421,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     for (int q = 0; q < kPts; ++q) {
       const int l = l0 + q;
       if (l >= own) continue;
-      const float kernel = vexp(dist[q] * -0.5f);
+      const float kernel = vexp(dist[q] * exponent_scale);
       rows_s[i * slice + l] = kernel;
       float y = g_t[i] * kernel;
       for (int j = 0; j < i; ++j) y += g_t[j] * rows_s[j * slice + l];
