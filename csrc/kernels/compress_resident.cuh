@@ -301,19 +301,13 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   const double rq = p.query_norm != nullptr ? static_cast<double>(p.query_norm[g]) : key_norm;
   const float m_t = static_cast<float>(key_scale<double>(p.beta, rq, key_norm, length, p.tau));
 
-  // s_l = |m (k_l - mean)|^2 in double; the first pivot's scores (log d = 0).
-  double s[kPts] = {};
-  for_each_piece([&](int c0, float (&x)[kPts][8]) {
+  // s_l = |m (k_l - mean)|^2 = m^2 |k_l - mean|^2 in double, from the norms above instead of a
+  // second pass over the keys (the general kernel squares the rounded float coordinates m (k_l -
+  // mean): the same up to rounding); then the first pivot's scores (log d = 0).
+  double s[kPts];
+  const double m2 = static_cast<double>(m_t) * static_cast<double>(m_t);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const float mean = mean_s[c0 + j];
-#pragma unroll
-      for (int q = 0; q < kPts; ++q) {
-        const double v = static_cast<double>((x[q][j] - mean) * m_t);
-        s[q] += v * v;
-      }
-    }
-  });
+  for (int q = 0; q < kPts; ++q) s[q] = norm2[q] * m2;
   const uint64_t seed = load_seed(p.seed);
   float residual[kPts];
   ArgMax best{-INFINITY, -1};
