@@ -73,6 +73,7 @@ struct StatsParams {
   const scalar_t* values;  // (G, N, D)
   const int64_t* lengths;  // (G) keys per group, or null: N
   int64_t n, e, dv, splits, chunk;
+  bool value_bounds;       // false: the resident pivot kernel bounds the values it stages anyway
   double* key_sum;         // (G, splits, E)
   double* value_min;       // (G, splits, D)
   double* value_max;       // (G, splits, D)
@@ -93,7 +94,7 @@ __global__ void group_stats_partial_kernel(StatsParams<scalar_t> p) {
     double sum = 0, lo = DBL_MAX, hi = -DBL_MAX;
     for (int64_t l = first + threadIdx.y; l < last; l += 8) {
       if (c < p.e) sum += static_cast<double>(to_acc(p.keys[(g * p.n + l) * p.e + c]));
-      if (c < p.dv) {
+      if (p.value_bounds && c < p.dv) {
         const double v = static_cast<double>(to_acc(p.values[(g * p.n + l) * p.dv + c]));
         lo = v < lo ? v : lo;
         hi = v > hi ? v : hi;
@@ -110,7 +111,7 @@ __global__ void group_stats_partial_kernel(StatsParams<scalar_t> p) {
         hi = scratch[2][y][threadIdx.x] > hi ? scratch[2][y][threadIdx.x] : hi;
       }
       if (c < p.e) p.key_sum[out * p.e + c] = sum;
-      if (c < p.dv) {
+      if (p.value_bounds && c < p.dv) {
         p.value_min[out * p.dv + c] = lo;
         p.value_max[out * p.dv + c] = hi;
       }
@@ -197,21 +198,26 @@ __global__ void __launch_bounds__(kThreads) group_stats_vector_kernel(StatsParam
   const auto high = [](Bound a, Bound x) { return x > a ? x : a; };
   reduce(p.keys, p.e, 0.0, 0.0, add, add, false, p.key_sum + out * p.e, nullptr);
   // ±infinity to start: an empty split (key padding) bounds nothing
-  reduce(p.values, p.dv, static_cast<Bound>(INFINITY), static_cast<Bound>(-INFINITY), low, high, true,
-         p.value_min + out * p.dv, p.value_max + out * p.dv);
+  if (p.value_bounds) {
+    reduce(p.values, p.dv, static_cast<Bound>(INFINITY), static_cast<Bound>(-INFINITY), low, high, true,
+           p.value_min + out * p.dv, p.value_max + out * p.dv);
+  }
 }
 
+// The key mean and the value bounds from the partials of `splits` parts per group. Either part may
+// be absent (null): the resident pivot kernel bounds the values itself, so its calls finish the
+// mean before the pivots and the bounds after them, in two launches.
 template <typename T>
 struct StatsFinalizeParams {
-  const double* key_sum;
-  const double* value_min;
+  const double* key_sum;    // (G, splits, E) or null
+  const double* value_min;  // (G, splits, D) or null
   const double* value_max;
   const int64_t* lengths;
   int64_t n, e, dv, splits;
   float* key_mean;  // (G, E)
   T* out_min;       // (G, D)
   T* out_max;       // (G, D)
-  unsigned long long* group_top;  // (G): zeroed here, raised by finalize_kernel (write_group_kernel's shift)
+  unsigned long long* group_top;  // (G): zeroed here (by both launches), raised by finalize_kernel (write_group_kernel's shift)
 };
 
 template <typename T>
@@ -219,12 +225,12 @@ __global__ void group_stats_finalize_kernel(StatsFinalizeParams<T> p) {
   const int64_t g = blockIdx.x;
   const int64_t valid = group_length(p.lengths, g, p.n);
   if (threadIdx.x == 0) p.group_top[g] = 0;  // the identity of the ordered maximum
-  for (int64_t c = threadIdx.x; c < p.e; c += blockDim.x) {
+  for (int64_t c = threadIdx.x; p.key_sum != nullptr && c < p.e; c += blockDim.x) {
     double sum = 0;
     for (int64_t s = 0; s < p.splits; ++s) sum += p.key_sum[(g * p.splits + s) * p.e + c];
     p.key_mean[g * p.e + c] = valid > 0 ? static_cast<float>(sum / static_cast<double>(valid)) : 0.0f;
   }
-  for (int64_t c = threadIdx.x; c < p.dv; c += blockDim.x) {
+  for (int64_t c = threadIdx.x; p.value_min != nullptr && c < p.dv; c += blockDim.x) {
     double lo = DBL_MAX, hi = -DBL_MAX;
     for (int64_t s = 0; s < p.splits; ++s) {
       const double a = p.value_min[(g * p.splits + s) * p.dv + c];

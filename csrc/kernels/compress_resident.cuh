@@ -77,6 +77,8 @@ struct ResidentParams {
   int32_t* counts;            // (G*C): pivots taken; -1 for a bin kept exactly
   double* max_sq_norm;        // (G*C): s_ref
   double* partial;            // (G*C, cluster, slots_max, E + 1): Σ_l R_j(l) e^{(s_l - s_ref)/2} [v_l | 1]
+  double* value_min;          // (G*C, cluster, E): each CTA's slice's value bounds (stats finalize
+  double* value_max;          // reduces them per group, in place of the statistics kernel)
 };
 
 // Shared memory: the key slice (reused for the value slice), the kernel rows, the points' scale
@@ -188,14 +190,10 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   const int64_t length = balanced_size(valid, p.num_bins, b);
   const int64_t slots = balanced_size(p.rank, p.num_bins, b);
   const int64_t start = balanced_start(valid, p.num_bins, b);
-  if (length <= slots) {  // kept exactly (§2.4): the decision is the whole cluster's
-    if (rank == 0 && threadIdx.x == 0) p.counts[gb] = -1;
-    return;
-  }
   const int slice = p.slice;
   const int first = rank * slice;  // this CTA's points: [first, first + own) of the bin
   const int own = static_cast<int>(length - first < slice ? (length > first ? length - first : 0) : slice);
-  const int tid = threadIdx.x, lane = tid % 32;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, warps = blockDim.x / 32;
   const int swizzle = tid & 7;  // rows of thread tid sit in pieces k ^ swizzle
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -220,6 +218,62 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   int* pivot_s = reinterpret_cast<int*>(stats + 4);
   double* max_scratch = stats + 8;
 
+  // The value bounds of this slice (§2.1) for the statistics' finalize, which reduces them per group:
+  // piece_at(l, k) reads 16-byte piece k of value row l where the values are (shared memory once
+  // staged for the weighted sums, global memory otherwise). Each thread folds one piece column over
+  // every (threads / pieces)-th row; then the lanes of a warp, then the warps, meet. Float holds
+  // 16-bit values exactly; the comparisons are the statistics kernel's, so NaN never enters and the
+  // order of the points does not matter.
+  const auto write_value_bounds = [&](auto&& piece_at) {
+    static_assert(sizeof(double) * kResidentSlotBlock * (kE + 1) >= sizeof(float) * 2 * (kResidentMaxThreads / 32) * kE,
+                  "the warps' bounds fit the weighted sums' staging");
+    float* lo_s = reinterpret_cast<float*>(sums_s);  // free until the weighted sums' first block
+    float* hi_s = lo_s + (kResidentMaxThreads / 32) * kE;
+    const int k = tid % kPieces, row_groups = static_cast<int>(blockDim.x) / kPieces;
+    float lo[8], hi[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) lo[j] = INFINITY, hi[j] = -INFINITY;
+    for (int l = tid / kPieces; l < own; l += row_groups) {
+      float v[8];
+      unpack8(piece_at(l, k), v, scalar_t{});
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        lo[j] = v[j] < lo[j] ? v[j] : lo[j];
+        hi[j] = v[j] > hi[j] ? v[j] : hi[j];
+      }
+    }
+    for (int offset = kPieces; offset < 32; offset <<= 1) {  // the lanes that hold the same piece
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float a = __shfl_xor_sync(0xffffffffu, lo[j], offset), b = __shfl_xor_sync(0xffffffffu, hi[j], offset);
+        lo[j] = a < lo[j] ? a : lo[j];
+        hi[j] = b > hi[j] ? b : hi[j];
+      }
+    }
+    if (lane < kPieces) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) lo_s[warp * kE + 8 * k + j] = lo[j], hi_s[warp * kE + 8 * k + j] = hi[j];
+    }
+    __syncthreads();
+    for (int c = tid; c < kE; c += blockDim.x) {
+      float low = INFINITY, high = -INFINITY;
+      for (int w = 0; w < warps; ++w) {
+        low = lo_s[w * kE + c] < low ? lo_s[w * kE + c] : low;
+        high = hi_s[w * kE + c] > high ? hi_s[w * kE + c] : high;
+      }
+      p.value_min[(gb * ranks + rank) * kE + c] = low;
+      p.value_max[(gb * ranks + rank) * kE + c] = high;
+    }
+  };
+  const scalar_t* values = p.values + (g * p.n + start + first) * kE;
+  const uint4* value_pieces = reinterpret_cast<const uint4*>(values);
+  const auto global_piece = [&](int l, int k) { return value_pieces[l * kPieces + k]; };
+  if (length <= slots) {  // kept exactly (§2.4): the decision is the whole cluster's
+    if (rank == 0 && threadIdx.x == 0) p.counts[gb] = -1;
+    write_value_bounds(global_piece);
+    return;
+  }
+
   // Copy this slice's keys (16-byte pieces; row l's piece k lands in piece k ^ ((l / kPts) & 7)).
   const scalar_t* keys = p.keys + (g * p.n + start + first) * kE;
   for (int idx = tid; idx < own * kPieces; idx += blockDim.x) {
@@ -232,7 +286,6 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   __syncthreads();
 
   const int l0 = tid * kPts;  // this thread's points l0 .. l0 + kPts - 1 (valid below `own`)
-  const int warp = tid / 32, warps = blockDim.x / 32;
   // The CTA's candidate for the next pivot from each thread's best point (and that point's
   // residual), published in `buffer` with its key, so that the other CTAs read both after the
   // cluster barrier. The warps' bests meet in shared memory and warp 0 takes theirs: one block
@@ -447,7 +500,6 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   // and the weights' sums, add in another fixed order.
   if (count > 0 && own > 0) {
     __syncthreads();  // the key slice is no longer read: the value slice takes its place
-    const scalar_t* values = p.values + (g * p.n + start + first) * kE;
     for (int idx = tid; idx < own * kPieces; idx += blockDim.x) {  // row l's piece k lands in piece k ^ (l % 4)
       const int l = idx / kPieces, k = idx % kPieces;
       resident_copy_16(keys_s + l * kPieces + (k ^ (l & 3)), values + static_cast<int64_t>(idx) * 8);
@@ -461,6 +513,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     constexpr int kBlock = kResidentSlotBlock, kTiles = kE / 8;
     static_assert(kBlock == 8, "m8n8k4 steps: 8 slots by 4 points");
     const scalar_t* values_s = reinterpret_cast<const scalar_t*>(keys_s);
+    write_value_bounds([&](int l, int k) { return keys_s[l * kPieces + (k ^ (l & 3))]; });  // piece k ^ (l % 4)
     const int slot = lane / 4, step_point = lane % 4;
     double* out = p.partial + ((gb * ranks + rank) * p.slots_max) * (kE + 1);
     for (int jb = 0; jb < count; jb += kBlock) {
@@ -509,6 +562,8 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
       const int rows_here = count - jb < kBlock ? count - jb : kBlock;
       for (int o = tid; o < rows_here * (kE + 1); o += blockDim.x) out[jb * (kE + 1) + o] = sums_s[o];
     }
+  } else {
+    write_value_bounds(global_piece);  // no values staged: no pivot taken, or no points here
   }
   if (rank == 0 && tid == 0) {
     p.counts[gb] = count;

@@ -385,9 +385,13 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
   double *key_sum, *part_min, *part_max, *partial, *rhs, *scaled, *log_scale;
   float* key_mean;
   unsigned long long* group_top;
+  // The value bounds' partials: per split of the statistics kernel, or per CTA of the resident
+  // kernel, which stages the values anyway and so saves the statistics a read of V.
+  const bool resident_bounds = plan.cluster > 0;
+  const int64_t bound_parts = resident_bounds ? num_bins * plan.cluster : splits;
   scratch.add(key_sum, groups * splits * e);
-  scratch.add(part_min, groups * splits * dv);
-  scratch.add(part_max, groups * splits * dv);
+  scratch.add(part_min, groups * bound_parts * dv);
+  scratch.add(part_max, groups * bound_parts * dv);
   scratch.add(key_mean, groups * e);
   PivotWorkspace<T> ws(groups * num_bins, slots_max, length_max, /*per_point=*/plan.cluster == 0);
   ws.reserve(scratch);
@@ -400,16 +404,23 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
   ws.clear(stream, /*zero_rows=*/false);
 
   const kernels::StatsParams<cuda_t> sp{device_ptr<scalar_t>(keys), device_ptr<scalar_t>(values), lengths, n, e, dv, splits,
-                                        chunk, key_sum, part_min, part_max};
+                                        chunk, !resident_bounds, key_sum, part_min, part_max};
   if (vector_stats) {
     kernels::group_stats_vector_kernel<cuda_t, kStatsThreads><<<dim3(groups, splits), kStatsThreads, 0, stream>>>(sp);
   } else {
     kernels::group_stats_partial_kernel<cuda_t><<<dim3(groups, splits), dim3(32, 8), 0, stream>>>(sp);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  kernels::group_stats_finalize_kernel<T><<<groups, 256, 0, stream>>>(kernels::StatsFinalizeParams<T>{
-      key_sum, part_min, part_max, lengths, n, e, dv, splits, key_mean, value_min, value_max, group_top});
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto finalize_stats = [&](const double* sums, const double* lo, const double* hi, int64_t parts) {
+    kernels::group_stats_finalize_kernel<T><<<groups, 256, 0, stream>>>(kernels::StatsFinalizeParams<T>{
+        sums, lo, hi, lengths, n, e, dv, parts, key_mean, value_min, value_max, group_top});
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (resident_bounds) {
+    finalize_stats(key_sum, nullptr, nullptr, splits);  // the mean now, the bounds after the pivots
+  } else {
+    finalize_stats(key_sum, part_min, part_max, splits);
+  }
 
   std::optional<at::Tensor> qn;
   if (query_norm) qn = query_norm->reshape({groups}).to(c10::CppTypeToScalarType<T>::value).contiguous();
@@ -438,9 +449,12 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
       rp.counts = ws.counts;
       rp.max_sq_norm = ws.max_sq_norm;
       rp.partial = partial;
+      rp.value_min = part_min;
+      rp.value_max = part_max;
       with_resident_shape(plan, e, [&](auto dim, auto pts) {
         launch_resident<cuda_t, decltype(dim)::value, decltype(pts)::value>(plan, rp, groups * num_bins, stream);
       });
+      finalize_stats(nullptr, part_min, part_max, bound_parts);
     }
   } else if (any_sampled) {
     launch_pivot_forms<scalar_t, T>(keys, key_mean, qn ? qn->const_data_ptr<T>() : nullptr,
