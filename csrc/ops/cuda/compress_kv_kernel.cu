@@ -28,7 +28,11 @@ constexpr int kWeightsThreads = 256;
 constexpr int kFinalizeThreads = 256;
 constexpr int64_t kWeightsChunk = 1024;  // points per CTA of the weighted sums
 constexpr int64_t kStatsChunk = 2048;    // points per CTA of the group statistics
-constexpr int64_t kStatsVectorChunk = 512;  // points per CTA of the vector statistics kernel
+// Points per CTA of the vector statistics kernel: about kStatsCtasPerSm CTAs per SM over the whole
+// call, within [512, 4096]. Longer chunks amortise each CTA's closing combine and give the finalize
+// fewer partials to add (N = 65,536, 32 groups: 512 -> 4,096 points took the statistics 140 -> 115 us,
+// benchmarks/NOTES.md), but below about 4 CTAs per SM the reads no longer fill the GPU.
+constexpr int64_t kStatsVectorChunkMin = 512, kStatsVectorChunkMax = 4096, kStatsCtasPerSm = 4;
 constexpr int kStatsThreads = 256;
 
 // Workspace of the pivot kernels for G groups of C bins (layout in compress.cuh), as arrays in the
@@ -352,7 +356,7 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
 
   // The plan of every stage, then one allocation for all their scratch arrays.
   // 1. statistics: rows of 16-byte pieces whose count per row divides the block take the vector
-  // kernel, which reads chunks of kStatsVectorChunk rows; others the element-wise kernel over at
+  // kernel, which reads chunks of vector_chunk rows; others the element-wise kernel over at
   // most 64 splits
   constexpr int64_t kVec = 16 / sizeof(cuda_t);
   const auto fits_block = [&](int64_t width) {
@@ -362,8 +366,11 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
   const bool vector_stats = fits_block(e) && fits_block(dv) &&
                             reinterpret_cast<uintptr_t>(keys.const_data_ptr()) % 16 == 0 &&
                             reinterpret_cast<uintptr_t>(values.const_data_ptr()) % 16 == 0;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t vector_chunk =
+      std::clamp<int64_t>(groups * n / (kStatsCtasPerSm * sms), kStatsVectorChunkMin, kStatsVectorChunkMax);
   const int64_t splits =  // grid y: at most 65,535 (longer chunks beyond 33M keys per group)
-      vector_stats ? std::clamp<int64_t>((n + kStatsVectorChunk - 1) / kStatsVectorChunk, 1, 65535)
+      vector_stats ? std::clamp<int64_t>((n + vector_chunk - 1) / vector_chunk, 1, 65535)
                    : std::max<int64_t>(1, std::min<int64_t>(64, (n + kStatsChunk - 1) / kStatsChunk));
   const int64_t chunk = (n + splits - 1) / splits;
   // 2-3. pivots (bins kept exactly are skipped inside) and the weighted sums over chunks of points.
@@ -377,8 +384,7 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
   const int64_t sums_chunk = plan.cluster > 0 ? plan.slice : kWeightsChunk;  // points per partial sum
   const int64_t chunks_max = plan.cluster > 0 ? plan.cluster : (length_max + kWeightsChunk - 1) / kWeightsChunk;
   // 4. the coreset, in column tiles
-  const int64_t tile_cols = kernels::finalize_tile_cols(groups * num_bins, dv + 1,
-                                                       at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const int64_t tile_cols = kernels::finalize_tile_cols(groups * num_bins, dv + 1, sms);
   const int64_t finalize_tiles = (dv + 1 + tile_cols - 1) / tile_cols;
 
   Scratch scratch;
