@@ -28,10 +28,11 @@ constexpr int kWeightsThreads = 256;
 constexpr int kFinalizeThreads = 256;
 constexpr int64_t kWeightsChunk = 1024;  // points per CTA of the weighted sums
 constexpr int64_t kStatsChunk = 2048;    // points per CTA of the group statistics
-// Points per CTA of the vector statistics kernel: about kStatsCtasPerSm CTAs per SM over the whole
-// call, within [512, 4096]. Longer chunks amortise each CTA's closing combine and give the finalize
-// fewer partials to add (N = 65,536, 32 groups: 512 -> 4,096 points took the statistics 140 -> 115 us,
-// benchmarks/NOTES.md), but below about 4 CTAs per SM the reads no longer fill the GPU.
+// Points per CTA of the vector statistics kernel: as many splits per group as keep the call within
+// kStatsCtasPerSm CTAs per SM, within [512, 4096] points. Longer chunks amortise each CTA's closing
+// combine and give the finalize fewer partials to add (N = 65,536, 32 groups: 512 -> 4,096 points
+// took the statistics 140 -> 115 us, benchmarks/NOTES.md); below about 4 CTAs per SM the reads no
+// longer fill the GPU, and one CTA past a multiple of the SMs costs a fifth more (17 splits: 143 us).
 constexpr int64_t kStatsVectorChunkMin = 512, kStatsVectorChunkMax = 4096, kStatsCtasPerSm = 4;
 constexpr int kStatsThreads = 256;
 
@@ -367,8 +368,9 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
                             reinterpret_cast<uintptr_t>(keys.const_data_ptr()) % 16 == 0 &&
                             reinterpret_cast<uintptr_t>(values.const_data_ptr()) % 16 == 0;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t target_splits = std::max<int64_t>(1, kStatsCtasPerSm * sms / groups);
   const int64_t vector_chunk =
-      std::clamp<int64_t>(groups * n / (kStatsCtasPerSm * sms), kStatsVectorChunkMin, kStatsVectorChunkMax);
+      std::clamp<int64_t>((n + target_splits - 1) / target_splits, kStatsVectorChunkMin, kStatsVectorChunkMax);
   const int64_t splits =  // grid y: at most 65,535 (longer chunks beyond 33M keys per group)
       vector_stats ? std::clamp<int64_t>((n + vector_chunk - 1) / vector_chunk, 1, 65535)
                    : std::max<int64_t>(1, std::min<int64_t>(64, (n + kStatsChunk - 1) / kStatsChunk));
