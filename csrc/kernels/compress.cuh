@@ -73,7 +73,7 @@ struct StatsParams {
   const scalar_t* values;  // (G, N, D)
   const int64_t* lengths;  // (G) keys per group, or null: N
   int64_t n, e, dv, splits, chunk;
-  bool value_bounds;       // false: the resident pivot kernel bounds the values it stages anyway
+  bool value_bounds;       // false: the resident pivot kernel bounds the values (it stages them anyway)
   double* key_sum;         // (G, splits, E)
   double* value_min;       // (G, splits, D)
   double* value_max;       // (G, splits, D)

@@ -9,7 +9,9 @@
 // in shared memory and its residuals in registers, and the pivot of every step is the argmax over
 // the cluster's per-CTA candidates, read through distributed shared memory. After the last step
 // each CTA forms its slice's weighted value sums (double, as the general kernel does) and writes
-// them as one chunk of compress_kv's `partial` workspace, so stages 4 and 5 are shared.
+// them as one chunk of compress_kv's `partial` workspace, so stages 4 and 5 are shared. Each CTA also
+// writes its slice's value bounds, from the staged values (or from global memory where it staged
+// none), so that the statistics kernel need not read V on this path.
 //
 // The per-point arithmetic is the general pivot kernel's (same centring and norms, same order of
 // the sums, same random stream) but for the squared distances of the kernel rows: m^2 |k_p - k_l|^2
@@ -406,7 +408,9 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     }
     __syncthreads();
     const int piv = *pivot_s;
-    if (piv < 0) break;  // every residual <= tol (early stop); the same on every CTA
+    // no candidate: every residual <= tol (early stop), or at i = 0 every score NaN (non-finite
+    // keys); the same on every CTA
+    if (piv < 0) break;
     count = i + 1;
     if (rank == 0 && tid == 0) p.pivots[gb * p.slots_max + i] = piv;
     if (tid < 32) {
@@ -438,8 +442,8 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
 
     // R_i(l) = exp(-|x_p - x_l|^2 / 2) with |x_p - x_l|^2 = m^2 |k_p - k_l|^2: the centring
     // cancels, and the difference of two 16-bit keys is exact in float unless their magnitudes are
-    // 2^16 apart, so each element costs one subtraction and one fused multiply-add (no cancellation;
-    // exactly 0 distance for a copy of the pivot).
+    // 2^16 (bfloat16) or 2^13 (float16) apart, so each element costs one subtraction and one fused
+    // multiply-add (no cancellation; exactly 0 distance for a copy of the pivot).
     float dist[kPts] = {};
     for_each_piece([&](int c0, float (&x)[kPts][8]) {
 #pragma unroll

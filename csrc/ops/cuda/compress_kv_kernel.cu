@@ -33,6 +33,9 @@ constexpr int64_t kStatsChunk = 2048;    // points per CTA of the group statisti
 // combine and give the finalize fewer partials to add (N = 65,536, 32 groups: 512 -> 4,096 points
 // took the statistics 140 -> 115 us, benchmarks/NOTES.md); below about 4 CTAs per SM the reads no
 // longer fill the GPU, and one CTA past a multiple of the SMs costs a fifth more (17 splits: 143 us).
+// The key sums therefore split by the group count and the device too: exact in double for 16-bit
+// keys of ordinary range, equal to rounding otherwise, so a group's mean can differ in its last bit
+// between batch sizes (the same inputs on the same device stay deterministic).
 constexpr int64_t kStatsVectorChunkMin = 512, kStatsVectorChunkMax = 4096, kStatsCtasPerSm = 4;
 constexpr int kStatsThreads = 256;
 
@@ -371,7 +374,7 @@ void compress_typed(const at::Tensor& keys, const at::Tensor& values, int64_t ra
   const int64_t target_splits = std::max<int64_t>(1, kStatsCtasPerSm * sms / groups);
   const int64_t vector_chunk =
       std::clamp<int64_t>((n + target_splits - 1) / target_splits, kStatsVectorChunkMin, kStatsVectorChunkMax);
-  const int64_t splits =  // grid y: at most 65,535 (longer chunks beyond 33M keys per group)
+  const int64_t splits =  // grid y: at most 65,535 (longer chunks beyond 268M keys per group)
       vector_stats ? std::clamp<int64_t>((n + vector_chunk - 1) / vector_chunk, 1, 65535)
                    : std::max<int64_t>(1, std::min<int64_t>(64, (n + kStatsChunk - 1) / kStatsChunk));
   const int64_t chunk = (n + splits - 1) / splits;
