@@ -290,8 +290,8 @@ def test_rank_at_least_length_is_exact(dtype, n, rank, bins):
 
 
 def test_rank_far_above_length_keeps_every_key():
-    """r >> N keeps every key (§2.4). The per-slot workspaces are sized by the longest bin, not by r:
-    sized by r, 2^40 slots would ask for petabytes."""
+    """r >> N keeps every key (§2.4). With every bin kept exactly the per-slot workspaces get no
+    slots: sized by r, as they were, 2^40 slots asked for petabytes."""
     k, v = randn(2, 300, 64, dtype=torch.bfloat16), randn(2, 300, 64, dtype=torch.bfloat16)
     gpu = wildcat.ops.compress_kv(*to("cuda", k, v), 2**40, 3, None, None, 5)
     assert torch.equal(gpu.core_keys.cpu(), k) and torch.equal(gpu.core_values.cpu(), v.float())
