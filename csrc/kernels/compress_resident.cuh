@@ -383,7 +383,9 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     }
   }
   local = resident_block_max(local, max_scratch);
-  if (tid == 0) stats[1] = local;
+  // stats[3] (s_ref) is set by the first step's leader; zero stands when that step finds no pivot
+  // (every score NaN), so max_sq_norm is still written from a defined value.
+  if (tid == 0) stats[1] = local, stats[3] = 0.0;
   publish_candidate(best, 1.0f, 0);
 
   int count = 0;
@@ -472,7 +474,9 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     for (int q = 0; q < kPts; ++q) {
       const int l = l0 + q;
       if (l >= own) continue;
-      const float kernel = vexp(dist[q] * exponent_scale);
+      // m = 0 (a zero query norm) makes every kernel entry 1; the product would be inf * 0 = NaN
+      // where 16-bit differences overflow float.
+      const float kernel = m_t > 0.0f ? vexp(dist[q] * exponent_scale) : 1.0f;
       rows_s[i * slice + l] = kernel;
       float y = g_t[i] * kernel;
       for (int j = 0; j < i; ++j) y += g_t[j] * rows_s[j * slice + l];

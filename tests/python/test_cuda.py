@@ -310,6 +310,36 @@ def test_more_kept_entries_than_one_write_grid_covers():
     assert torch.equal(gpu.core_indices.cpu(), torch.arange(n)[None])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_overflow_shift_found_over_several_bins_and_column_tiles_matches_the_cpu(dtype):
+    """Norms large enough that the coreset's entries reach the shift's limit in every group, with
+    8 bins per group: the group's largest entry, and so its shift, comes from several finalize CTAs
+    (one bin and one tile would let any reduction pass)."""
+    groups, n, rank, bins = 4, 2048, 64, 8
+    k, v = randn(groups, n, 64, dtype=dtype) * 40, randn(groups, n, 64, dtype=dtype)
+    q_norm = torch.full((groups,), 320.0)
+    cpu = wildcat.ops.compress_kv(k, v, rank, bins, None, q_norm, 3)
+    largest = torch.maximum(cpu.core_values.abs().amax((1, 2)), cpu.core_weights.abs().amax(1))
+    assert (largest > 1e36).all(), largest
+    gpu = wildcat.ops.compress_kv(*to("cuda", k, v), rank, bins, None, q_norm.cuda(), 3)
+    assert_same_compression(gpu, cpu)
+
+
+def test_zero_query_norm_with_key_differences_beyond_float():
+    """A zero query norm makes the key scale 0 and every kernel entry 1; the resident kernel's
+    distances from raw 16-bit key differences overflow float there (keys near +-2e38) and must not
+    turn 0 * inf into NaN."""
+    groups, n = 4, 3000
+    k = (torch.rand(groups, n, 64, generator=torch.Generator().manual_seed(0)) * 4 - 2) * 1e38
+    k, v = k.to(torch.bfloat16), randn(groups, n, 64, dtype=torch.bfloat16)
+    assert torch.isinf(k.float()[:, :1] - k.float()).any()
+    q_norm = torch.zeros(groups)
+    cpu = wildcat.ops.compress_kv(k, v, 32, 2, None, q_norm, 4)
+    gpu = wildcat.ops.compress_kv(*to("cuda", k, v), 32, 2, None, q_norm.cuda(), 4)
+    assert torch.isfinite(gpu.core_values).all() and torch.isfinite(gpu.core_weights).all()
+    assert_same_compression(gpu, cpu)
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("shape,kv_heads", [((2, 8, 1000, 64), 2), ((1, 4, 3, 128), 4), ((40, 2051, 32), 5),
                                             ((5, 64), 1), ((2, 4, 0, 64), 2), ((1, 2, 300, 20), 1)])
