@@ -8,16 +8,18 @@
 //     sweeps them: the rows of the round's new pivots, the residual updates, then the 32 draws of
 //     the next round (Gumbel-max, one Philox call per quad and draw);
 //   - the leader CTA reduces the 32 draws over the cluster (distributed shared memory), accepts or
-//     rejects them one after the other, borders G_SS^-1 for each accepted pivot, and publishes the
-//     pivots and their g vectors through global memory for the next sweep.
+//     rejects them one after the other, and publishes the pivots and their g vectors through
+//     global memory for the next sweep.
 // The arithmetic per point is the one-step kernel's (compress.cuh), operation for operation, and
 // the draws and acceptance tests follow the CPU code (csrc/ops/cpu/pivoted_cholesky.h). The
-// bordering's L a is associated differently (L_old R at the draws once per round, then the round's
-// g vectors; the CPU multiplies by an L updated at every pivot), so g differs in the last bits of
-// double, and a group whose acceptance test or argmax ties to rounding can take other pivots: the
-// same seed gives the same pivots in almost every group (test_cuda.py asks for 99%). Stages 3-5 of
-// compress.cuh (weighted sums, finalize, write_group) read the same workspace as after the
-// one-step kernel.
+// acceptance works on the draws' Schur complement given the older pivots, a 32 × 32 matrix in
+// double eliminated one accepted pivot at a time (the CPU borders L and updates the later draws at
+// every pivot; the two are the same recurrences), and the round's g vectors come from the
+// triangular factor of those eliminations. Rounding therefore differs from the CPU's in double and
+// in the draws' float residuals, and a group whose acceptance test or argmax ties to rounding can
+// take other pivots: the same seed gives the same pivots in almost every group (test_cuda.py asks
+// for 99%). Stages 3-5 of compress.cuh (weighted sums, finalize, write_group) read the same
+// workspace as after the one-step kernel.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -49,7 +51,7 @@ struct BlockPivotParams {
   T tol;
   SeedRef seed;
   bool sample_all;            // rp_nystrom: sample even when rank >= length
-  scalar_t* keys_t;           // (G*C, E, length_max): the bin's keys transposed
+  bool vector_points;         // rows of whole 16-byte pieces from a 16-byte aligned base: read by pieces
   T* residual;                // (G*C, length_max)
   T* score_base;              // (G*C, length_max): log d + s of the round's draws
   double* sq_norm;            // (G*C, length_max)
@@ -81,8 +83,8 @@ struct BlockRoundState {
 
 // Shared memory offsets (bytes, 16-byte aligned); the same on every CTA of a cluster.
 struct BlockLayout {
-  size_t draws, warp_draws, state, stats, mean, coords, g_new, g_old, fresh_pivots, draw_index, draw_start,
-      draw_residual, draw_uniform, slot_draw, draw_kernel, a, g, t, round, cached, bytes;
+  size_t draws, warp_draws, state, stats, mean, coords, g_old, g_new, fresh_pivots, draw_index, draw_start,
+      draw_residual, draw_uniform, slot_draw, draw_kernel, column, pivot_inv_root, alive, round, cached, bytes;
 };
 
 __host__ __device__ inline size_t block_align16(size_t x) { return (x + 15) / 16 * 16; }
@@ -104,8 +106,10 @@ __host__ __device__ inline BlockLayout block_layout(int64_t e, int64_t slots_max
   l.stats = take(sizeof(double) * 2);
   l.mean = take(sizeof(T) * e);
   l.coords = take(sizeof(T) * (e + 1) * B);  // sweep: new pivots [c][i]; leader: draws [j][c]; keys tiles
+  // sweep: older rows' g coefficients; leader: the draws' Schur complement (B × B double)
+  const size_t g_old_bytes = sizeof(T) * kBlockRowsStaged * B, schur_bytes = sizeof(double) * B * B;
+  l.g_old = take(g_old_bytes > schur_bytes ? g_old_bytes : schur_bytes);
   l.g_new = take(sizeof(T) * B * B);
-  l.g_old = take(sizeof(T) * kBlockRowsStaged * B);
   l.fresh_pivots = take(sizeof(int64_t) * B);
   l.draw_index = take(sizeof(int32_t) * B);
   l.draw_start = take(sizeof(T) * B);
@@ -113,9 +117,9 @@ __host__ __device__ inline BlockLayout block_layout(int64_t e, int64_t slots_max
   l.draw_uniform = take(sizeof(T) * B);
   l.slot_draw = take(sizeof(int32_t) * B);
   l.draw_kernel = take(sizeof(T) * B * B);
-  l.a = take(sizeof(double) * (slots_max + 1));
-  l.g = take(sizeof(double) * (slots_max + 1));
-  l.t = take(sizeof(double) * B);
+  l.column = take(sizeof(double) * B);
+  l.pivot_inv_root = take(sizeof(double) * B);
+  l.alive = take(sizeof(int32_t) * B);
   l.round = take(round_in_smem ? sizeof(double) * 2 * B * slots_max : 0);
   l.cached = take(sizeof(T) * static_cast<size_t>(cached_rows) * B);
   l.bytes = at;
@@ -159,6 +163,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
     return;
   }
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int e32 = static_cast<int>(e);  // at most 256
 
   // This CTA's points: whole Philox quads (positions 4q … 4q + 3 of the group), so that one call
   // gives a quad's noise; [lo, hi) in the bin.
@@ -187,9 +192,10 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
   T* draw_uniform = reinterpret_cast<T*>(smem_raw + lay.draw_uniform);
   int32_t* slot_draw = reinterpret_cast<int32_t*>(smem_raw + lay.slot_draw);
   T* draw_kernel = reinterpret_cast<T*>(smem_raw + lay.draw_kernel);
-  double* a_d = reinterpret_cast<double*>(smem_raw + lay.a);
-  double* g_d = reinterpret_cast<double*>(smem_raw + lay.g);
-  double* t_d = reinterpret_cast<double*>(smem_raw + lay.t);
+  double* schur = reinterpret_cast<double*>(smem_raw + lay.g_old);  // the leader's, between sweeps
+  double* column = reinterpret_cast<double*>(smem_raw + lay.column);
+  double* pivot_inv_root = reinterpret_cast<double*>(smem_raw + lay.pivot_inv_root);
+  int32_t* alive = reinterpret_cast<int32_t*>(smem_raw + lay.alive);
   // the leader's per-round matrices: old_r[j][c] = (L_old R_old(:, c_j))_c and fresh_g[q][c], g of
   // the round's q-th pivot
   double* old_r = p.round_in_smem ? reinterpret_cast<double*>(smem_raw + lay.round)
@@ -198,7 +204,6 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
   T* row_cache = reinterpret_cast<T*>(smem_raw + lay.cached);
 
   const scalar_t* keys = p.points + (g * p.n + start) * e;
-  scalar_t* keys_t = p.keys_t + gb * e * lmax;
   T* residual = p.residual + gb * lmax;
   T* score_base = p.score_base + gb * lmax;
   double* sq_norm = p.sq_norm + gb * lmax;
@@ -210,36 +215,54 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
   const bool centred = p.key_mean != nullptr;
 
   for (int64_t c = tid; c < e; c += kThreads) mean[c] = centred ? static_cast<T>(p.key_mean[g * e + c]) : T(0);
-  // This CTA's keys transposed (E × length_max): the sweeps read consecutive points from
-  // consecutive threads. Tiles of 32 points through shared memory (`coords` holds 32 × E) keep
-  // both the reads and the writes coalesced.
-  constexpr int kBatch = 8;  // global loads issued together (each waits ~1 µs)
-  scalar_t* tile = reinterpret_cast<scalar_t*>(coords);  // sizeof(scalar_t) <= sizeof(T)
-  for (int64_t base = lo; base < hi; base += B) {
-    const int64_t count = hi - base < B ? hi - base : B;
-    __syncthreads();
-    // rows padded to e + 1 (no bank conflicts); kBatch loads in flight per thread
-    for (int64_t idx0 = tid; idx0 < count * e; idx0 += kBatch * kThreads) {
-      scalar_t v[kBatch];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const int64_t idx = idx0 + u * kThreads;
-        if (idx < count * e) v[u] = keys[base * e + idx];
-      }
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const int64_t idx = idx0 + u * kThreads;
-        if (idx < count * e) tile[(idx / e) * (e + 1) + idx % e] = v[u];
-      }
-    }
-    __syncthreads();
-    for (int64_t idx = tid; idx < count * e; idx += kThreads) {
-      const int64_t c = idx / count, l = idx % count;
-      keys_t[c * lmax + base + l] = tile[l * (e + 1) + c];
-    }
-  }
   __syncthreads();
-  const auto key_at = [&](int64_t l, int64_t c) -> T { return static_cast<T>(to_acc(keys_t[c * lmax + l])); };
+  // Coordinates c0 … c0 + kBatch − 1 of point l of the bin, as T (0 past e), read from the keys as
+  // given: a thread reads its own point's row, a 16-byte piece at a time where rows allow it.
+  constexpr int kBatch = 8;  // coordinates loaded together, then their arithmetic
+  const auto load_keys = [&](int64_t l, int64_t c0, T (&xs)[kBatch]) {
+    const scalar_t* row = keys + l * e + c0;
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    if constexpr (kBatch % kVec == 0) {
+      if (p.vector_points && c0 + kBatch <= e) {
+#pragma unroll
+        for (int v = 0; v < kBatch / kVec; ++v) {
+          scalar_t piece[kVec];
+          const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row) + v);
+          memcpy(piece, &raw, sizeof raw);
+#pragma unroll
+          for (int u = 0; u < kVec; ++u) xs[v * kVec + u] = static_cast<T>(to_acc(piece[u]));
+        }
+        return;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) xs[u] = c0 + u < e ? static_cast<T>(to_acc(row[u])) : T(0);
+  };
+  // store(i, load(i)) for i < count over the CTA, kBatch loads in flight per thread: a loop of
+  // single global loads would wait for each in turn (each sweep and acceptance stages a few
+  // thousand entries, about 1 µs per round trip)
+  // (32-bit indices: the counts are a few thousand, and a 64-bit division by a runtime divisor
+  // costs about a hundred instructions)
+  const auto gather = [&](int count, auto load, auto store) {
+    using V = decltype(load(0));
+    for (int i0 = tid; i0 < count; i0 += kBatch * kThreads) {
+      V v[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (i0 + u * kThreads < count) v[u] = load(i0 + u * kThreads);
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (i0 + u * kThreads < count) store(i0 + u * kThreads, v[u]);
+      }
+    }
+  };
+  // the same, centred and scaled: x = (k − mean) m
+  const auto load_coords = [&](int64_t l, int64_t c0, T m_t, T (&xs)[kBatch]) {
+    load_keys(l, c0, xs);
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) xs[u] = c0 + u < e ? (xs[u] - mean[c0 + u]) * m_t : T(0);
+  };
 
   // Cluster-wide maximum of one double per CTA (every CTA gets it, in rank order).
   const auto cluster_max = [&](double mine, int slot) {
@@ -258,10 +281,17 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
   double norm_max = 0;
   for (int64_t l = lo + tid; l < hi; l += kThreads) {
     double norm2 = 0;
-    for (int64_t c = 0; c < e; ++c) {
-      const T centred_value = key_at(l, c) - mean[c];
-      norm2 += static_cast<double>(centred_value) * static_cast<double>(centred_value);
+    for (int64_t c0 = 0; c0 < e; c0 += 4 * kBatch) {  // four batches' loads in flight at once
+      T xs[4][kBatch];
+#pragma unroll
+      for (int v = 0; v < 4; ++v) load_coords(l, c0 + v * kBatch, T(1), xs[v]);
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) norm2 += static_cast<double>(xs[v][u]) * static_cast<double>(xs[v][u]);
+      }
     }
+    sq_norm[l] = norm2;  // |k_l − mean|², scaled to s_l below
     norm_max = norm2 > norm_max ? norm2 : norm_max;
   }
   const double key_norm = sqrt(cluster_max(norm_max, 0));
@@ -271,17 +301,16 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
     m = key_scale<double>(p.beta, rq, key_norm, length, p.tau);
   }
   const T m_t = static_cast<T>(m);
-  const auto x_at = [&](int64_t l, int64_t c) -> T { return (key_at(l, c) - mean[c]) * m_t; };
   // a point's coordinate from the (read-only) input keys, for points of other CTAs
   const auto x_input = [&](int64_t l, int64_t c) -> T { return (static_cast<T>(to_acc(keys[l * e + c])) - mean[c]) * m_t; };
 
+  // s_l = |m (k_l − mean)|² = m² |k_l − mean|², from the norm pass (each thread its own points)
+  // rather than a second pass over the keys; the CPU squares the rounded float coordinates, the
+  // same to rounding (a relative 1e-7)
+  const double m2 = static_cast<double>(m_t) * static_cast<double>(m_t);
   double s_max = 0;
   for (int64_t l = lo + tid; l < hi; l += kThreads) {
-    double s = 0;
-    for (int64_t c = 0; c < e; ++c) {
-      const double x = static_cast<double>(x_at(l, c));
-      s += x * x;
-    }
+    const double s = sq_norm[l] * m2;
     sq_norm[l] = s;
     s_max = s > s_max ? s : s_max;
     residual[l] = T(1);
@@ -294,23 +323,25 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
   const auto sweep = [&](int first, int fresh) {
     for (int i = tid; i < fresh; i += kThreads) fresh_pivots[i] = __ldcg(pivots + first + i);
     __syncthreads();
-    for (int64_t idx = tid; idx < e * B; idx += kThreads) {
-      const int64_t c = idx / B, i = idx % B;
-      coords[idx] = i < fresh ? x_input(fresh_pivots[i], c) : T(0);
-    }
-    // g_new[m][i]: slot first + i's coefficient of slot first + m (m <= i)
-    for (int idx = tid; idx < B * B; idx += kThreads) {
-      const int mm = idx / B, i = idx % B;
-      g_new[idx] = i < fresh && mm <= i ? static_cast<T>(__ldcg(g_table + (first + i) * smax + first + mm)) : T(0);
-    }
+    gather(  // coords[c][i]: the new pivots' points
+        e32 * B, [&](int idx) { return idx % B < fresh ? x_input(fresh_pivots[idx % B], idx / B) : T(0); },
+        [&](int idx, T v) { coords[idx] = v; });
+    gather(  // g_new[m][i]: slot first + i's coefficient of slot first + m (m <= i)
+        B * B, [&](int idx) {
+          const int64_t mm = idx / B, i = idx % B;
+          return i < fresh && mm <= i ? static_cast<T>(__ldcg(g_table + (first + i) * smax + first + mm)) : T(0);
+        },
+        [&](int idx, T v) { g_new[idx] = v; });
     const int passes = (first + kBlockRowsStaged - 1) / kBlockRowsStaged;
     // g_old[m][i]: slot first + i's coefficient of the older slot m0 + m
     const auto stage_old = [&](int m0) {
       const int count = first - m0 < kBlockRowsStaged ? first - m0 : kBlockRowsStaged;
-      for (int idx = tid; idx < count * B; idx += kThreads) {
-        const int mm = idx / B, i = idx % B;
-        g_old[idx] = i < fresh ? static_cast<T>(__ldcg(g_table + (first + i) * smax + m0 + mm)) : T(0);
-      }
+      gather(
+          count * B, [&](int idx) {
+            const int64_t mm = idx / B, i = idx % B;
+            return i < fresh ? static_cast<T>(__ldcg(g_table + (first + i) * smax + m0 + mm)) : T(0);
+          },
+          [&](int idx, T v) { g_old[idx] = v; });
     };
     if (passes == 1) stage_old(0);
     __syncthreads();
@@ -321,10 +352,9 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
       if (active) {
 #pragma unroll
         for (int i = 0; i < B; ++i) kernel[i] = T(0);
-        for (int64_t c0 = 0; c0 < e; c0 += kBatch) {  // kBatch loads in flight, then their arithmetic
+        for (int64_t c0 = 0; c0 < e; c0 += kBatch) {  // kBatch coordinates loaded, then their arithmetic
           T xs[kBatch];
-#pragma unroll
-          for (int u = 0; u < kBatch; ++u) xs[u] = c0 + u < e ? x_at(l, c0 + u) : T(0);
+          load_coords(l, c0, m_t, xs);
 #pragma unroll
           for (int u = 0; u < kBatch; ++u) {
             if (c0 + u < e) {
@@ -409,12 +439,16 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
       score_base[l] = d > p.tol ? vlog(normal_floor(d)) + static_cast<T>(sq_norm[l]) : T(-INFINITY);
     }
     __syncthreads();
-    // One draw at a time over this thread's quads (a running best per draw would hold 64
-    // registers), then the warp's best on lane j.
+    // Draws kDrawGroup at a time: one pass over this thread's quads per group, each quad's log d + s
+    // loaded once for the group (a running best for all 32 draws would hold 64 registers); then
+    // the group's warp maxima, reduced side by side, with draw j's ending on lane j.
+    constexpr int kDrawGroup = 8;
     BlockDraw<T> mine{T(0), -1};
 #pragma unroll 1
-    for (int j = 0; j < B; ++j) {
-      BlockDraw<T> best{T(0), -1};
+    for (int j0 = 0; j0 < B; j0 += kDrawGroup) {
+      BlockDraw<T> best[kDrawGroup];
+#pragma unroll
+      for (int u = 0; u < kDrawGroup; ++u) best[u] = BlockDraw<T>{T(0), -1};
       for (int64_t q = quad_lo + tid; q < quad_hi; q += kThreads) {
         T base[4];
         bool any = false;
@@ -425,23 +459,32 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
           any = any || base[w] > T(-INFINITY);
         }
         if (!any) continue;
-        const Philox4 bits = pivot_noise_bits(seed, static_cast<uint64_t>(g), block_draw_step(round, j),
-                                              static_cast<uint64_t>(q));
 #pragma unroll
-        for (int w = 0; w < 4; ++w) {
-          if (base[w] > T(-INFINITY)) {
-            const T score = base[w] - vlog(exponential_variate<T>(bits.v[w]));
-            best = better_draw(best, BlockDraw<T>{score, static_cast<int32_t>(q * 4 + w - start)});
+        for (int u = 0; u < kDrawGroup; ++u) {
+          const Philox4 bits = pivot_noise_bits(seed, static_cast<uint64_t>(g), block_draw_step(round, j0 + u),
+                                                static_cast<uint64_t>(q));
+#pragma unroll
+          for (int w = 0; w < 4; ++w) {
+            if (base[w] > T(-INFINITY)) {
+              const T score = base[w] - vlog(exponential_variate<T>(bits.v[w]));
+              best[u] = better_draw(best[u], BlockDraw<T>{score, static_cast<int32_t>(q * 4 + w - start)});
+            }
           }
         }
       }
       for (int offset = 16; offset > 0; offset >>= 1) {
-        BlockDraw<T> o;
-        o.score = __shfl_xor_sync(0xffffffffu, best.score, offset);
-        o.index = __shfl_xor_sync(0xffffffffu, best.index, offset);
-        best = better_draw(best, o);
+#pragma unroll
+        for (int u = 0; u < kDrawGroup; ++u) {
+          BlockDraw<T> o;
+          o.score = __shfl_xor_sync(0xffffffffu, best[u].score, offset);
+          o.index = __shfl_xor_sync(0xffffffffu, best[u].index, offset);
+          best[u] = better_draw(best[u], o);
+        }
       }
-      if (lane == j) mine = best;
+#pragma unroll
+      for (int u = 0; u < kDrawGroup; ++u) {
+        if (lane == j0 + u) mine = best[u];
+      }
     }
     warp_draws[warp * B + lane] = mine;
     __syncthreads();
@@ -453,6 +496,13 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
   };
 
   // ---- the leader: acceptance of round `round`'s draws; returns through `state` ----
+  // Draw j's residual given the older pivots and the round's pivots accepted before it is the
+  // diagonal of the draws' Schur complement, E = G(C, C) − R_old(:, C)ᵀ L_old R_old(:, C), after
+  // eliminating those pivots: accepting draw j with residual d_j takes E −= E(:, j) E(j, :) / d_j,
+  // which is what bordering it into L and updating the later draws does (pivoted_cholesky.h). So
+  // the acceptance runs on 32 × 32 entries in double, two block barriers per accepted pivot; the
+  // eliminated columns are the factor C of the round (C(q, q) = sqrt(d), below it the columns), and
+  // g of the round's pivot q is row q of C⁻¹ applied to [−L_old R_old(:, p) | I], negated.
   const auto accept = [&](int64_t round, int count) {
     if (tid < B) {
       BlockDraw<T> v{T(0), -1};
@@ -460,6 +510,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
       draw_index[tid] = v.index;
       draw_start[tid] = v.index >= 0 ? __ldcg(residual + v.index) : T(0);
       draw_residual[tid] = draw_start[tid];  // 0 for an empty draw: rejected
+      alive[tid] = 1;
       const Philox4 bits = pivot_noise_bits(seed, static_cast<uint64_t>(g), block_accept_step(round, tid),
                                             static_cast<uint64_t>(start >> 2));
       draw_uniform[tid] = open_uniform<T>(bits.v[start & 3]);
@@ -469,16 +520,14 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
       if (tid == 0) *state = BlockRoundState{count, 0, 1, 0};
       return;
     }
-    for (int64_t idx = tid; idx < B * e; idx += kThreads) {  // coords[j][c], rows of e + 1: the draws' points
-      const int64_t j = idx / e, c = idx % e;
-      coords[j * (e + 1) + c] = draw_index[j] >= 0 ? x_input(draw_index[j], c) : T(0);
-    }
+    gather(  // coords[j][c], rows of e + 1: the draws' points
+        B * e32, [&](int idx) { return draw_index[idx / e32] >= 0 ? x_input(draw_index[idx / e32], idx % e32) : T(0); },
+        [&](int idx, T v) { coords[(idx / e32) * (e32 + 1) + idx % e32] = v; });
     const int first = count;
     const int cached = first < p.cached_rows ? first : p.cached_rows;  // rows held in row_cache
-    for (int idx = tid; idx < cached * B; idx += kThreads) {  // row_cache[m][j] = R_m(c_j)
-      const int mm = idx / B, j = idx % B;
-      row_cache[idx] = draw_index[j] >= 0 ? __ldcg(rows + mm * lmax + draw_index[j]) : T(0);
-    }
+    gather(  // row_cache[m][j] = R_m(c_j)
+        cached * B, [&](int idx) { return draw_index[idx % B] >= 0 ? __ldcg(rows + (idx / B) * lmax + draw_index[idx % B]) : T(0); },
+        [&](int idx, T v) { row_cache[idx] = v; });
     __syncthreads();
     // draw_kernel[j][k] = G(x_{c_j}, x_{c_k}), formed as the sweep forms R_j(c_k)
     for (int idx = tid; idx < B * B; idx += kThreads) {
@@ -490,81 +539,164 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
       }
       draw_kernel[idx] = vexp(dist * T(-0.5));
     }
-    __syncthreads();
-    // R_m(c_k) for any slot m < count: older rows from the cache or global memory, this round's
-    // from the draws' kernel
+    // R_m(c_k) of an older slot m < first: from the cache or global memory
     const auto row_at_draw = [&](int mm, int k) -> T {
-      if (mm >= first) return draw_kernel[slot_draw[mm - first] * B + k];
-      if (mm < cached) return row_cache[mm * B + k];
-      return __ldcg(rows + mm * lmax + draw_index[k]);
+      return mm < cached ? row_cache[mm * B + k] : __ldcg(rows + mm * lmax + draw_index[k]);
     };
-    // old_r = L_old R_old(:, C): a thread per row c of L_old (read once from global memory), all
-    // draws at once in two halves of 16 accumulators
-    for (int c = tid; c < first; c += kThreads) {
-#pragma unroll 1
-      for (int half = 0; half < B; half += B / 2) {
-        double acc[B / 2] = {};
-        for (int mm = 0; mm < first; ++mm) {
-          const double l_cm = __ldcg(kinv + c * smax + mm);
+    // old_r[j][c] = (L_old R_old(:, c_j))_c: a thread per row c of L_old and half of the draws. L_old
+    // comes in blocks of B rows staged through fresh_g (free until the acceptance ends), every
+    // thread loading at once; L is symmetric, so row m's entries serve as column m's.
+    for (int m0 = 0; m0 < first; m0 += B) {
+      const int rows_here = first - m0 < B ? first - m0 : B;
+      __syncthreads();  // the previous block is used up
+      gather(
+          rows_here * first, [&](int idx) { return __ldcg(kinv + (m0 + idx / first) * smax + idx % first); },
+          [&](int idx, double v) { fresh_g[(idx / first) * smax + idx % first] = v; });
+      // the block's rows at the draws, converted to double once (in schur's room, free until
+      // the Schur complement): every thread would otherwise convert the same 16 per row
+      for (int idx = tid; idx < rows_here * B; idx += kThreads) schur[idx] = static_cast<double>(row_at_draw(m0 + idx / B, idx % B));
+      __syncthreads();
+      for (int w = tid; w < 2 * first; w += kThreads) {
+        const int c = w % first, half = (w / first) * (B / 2);
+        double acc[B / 2];
 #pragma unroll
-          for (int j = 0; j < B / 2; ++j) acc[j] += l_cm * static_cast<double>(row_at_draw(mm, half + j));
+        for (int j = 0; j < B / 2; ++j) acc[j] = m0 == 0 ? 0.0 : old_r[(half + j) * smax + c];
+        for (int mm = 0; mm < rows_here; ++mm) {
+          const double l_mc = fresh_g[mm * smax + c];
+#pragma unroll
+          for (int j = 0; j < B / 2; ++j) acc[j] += l_mc * schur[mm * B + half + j];
         }
 #pragma unroll
         for (int j = 0; j < B / 2; ++j) old_r[(half + j) * smax + c] = acc[j];
       }
     }
     __syncthreads();
+    // schur[k][l] = G(c_k, c_l) − R_old(:, c_k)ᵀ old_r[l]: a thread per draw k and kThreads / B of
+    // the l, its entries summed side by side
+    constexpr int kSchurPerThread = B * B / kThreads;
+    static_assert(B * B % kThreads == 0, "the draws' Schur complement is dealt evenly to the threads");
+    {
+      const int k = tid % B, l0 = tid / B;
+      double acc[kSchurPerThread];
+#pragma unroll
+      for (int u = 0; u < kSchurPerThread; ++u) {
+        const int l = l0 + u * (kThreads / B);
+        acc[u] = static_cast<double>(draw_kernel[k * B + l]);
+      }
+      for (int mm = 0; mm < first; ++mm) {
+        const double r_mk = static_cast<double>(row_at_draw(mm, k));
+#pragma unroll
+        for (int u = 0; u < kSchurPerThread; ++u) acc[u] -= r_mk * old_r[(l0 + u * (kThreads / B)) * smax + mm];
+      }
+#pragma unroll
+      for (int u = 0; u < kSchurPerThread; ++u) schur[k * B + l0 + u * (kThreads / B)] = acc[u];
+    }
+    __syncthreads();
+    // Acceptance in draw order; every thread takes the same decision from shared memory.
     for (int j = 0; j < B && count < slots; ++j) {
       const T dj = draw_residual[j];
       if (!(dj > p.tol && draw_uniform[j] * draw_start[j] < dj)) continue;  // rejected
-      const int i = count, q = i - first;
-      // bordering (as one step): g = (L a, -1) / sqrt(d_p), a_m = R_m(p), with
-      // L = L_old + Σ_{this round's q' < q} g_q' g_q'ᵀ: L a = old_r[j] + Σ_q' g_q' (g_q' · a)
-      for (int mm = tid; mm < i; mm += kThreads) a_d[mm] = static_cast<double>(row_at_draw(mm, j));
-      if (tid == 0) slot_draw[q] = j;
-      __syncthreads();
-      for (int qq = warp; qq < q; qq += kWarps) {  // a warp per earlier pivot of the round
-        double acc = 0;
-        for (int c = lane; c <= first + qq; c += 32) acc += fresh_g[qq * smax + c] * a_d[c];
-        for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-        if (lane == 0) t_d[qq] = acc;
-      }
-      __syncthreads();
-      const double inv_sqrt_dp = 1.0 / sqrt(static_cast<double>(dj));
-      for (int c = tid; c < i; c += kThreads) {
-        double acc = c < first ? old_r[j * smax + c] : 0.0;
-        for (int qq = c < first ? 0 : c - first; qq < q; ++qq) acc += t_d[qq] * fresh_g[qq * smax + c];
-        g_d[c] = acc * inv_sqrt_dp;
-      }
-      if (tid == 0) g_d[i] = -inv_sqrt_dp;
-      __syncthreads();
-      for (int mm = tid; mm <= i; mm += kThreads) {
-        g_table[i * smax + mm] = g_d[mm];
-        fresh_g[q * smax + mm] = g_d[mm];
-      }
-      if (tid == 0) pivots[i] = draw_index[j];
-      // the later draws' residuals, updated as the sweep updates the points'
-      if (tid > j && tid < B) {
+      const int q = count - first;
+      // column j of the eliminated matrix, scaled: C(·, q); the later draws' residuals lose its
+      // square as the sweep's points lose y² (rounded to T, clamped at 0, 0 for the pivot itself)
+      const double inv_root = 1.0 / sqrt(static_cast<double>(dj));
+      if (tid < B) {
         const int k = tid;
-        T y = static_cast<T>(g_d[i]) * draw_kernel[j * B + k];
-        for (int mm = 0; mm < i; ++mm) y += static_cast<T>(g_d[mm]) * row_at_draw(mm, k);
-        T d = draw_residual[k] - y * y;
-        d = (draw_index[k] == draw_index[j] || d < T(0)) ? T(0) : d;
-        draw_residual[k] = d;
+        const double col = alive[k] ? schur[k * B + j] * inv_root : 0.0;
+        column[k] = col;
+        if (k > j) {
+          const T y = static_cast<T>(col);
+          T d = draw_residual[k] - y * y;
+          d = (draw_index[k] == draw_index[j] || d < T(0)) ? T(0) : d;
+          draw_residual[k] = d;
+        }
+        if (k == j) {
+          alive[k] = 0;
+          slot_draw[q] = j;
+          pivot_inv_root[q] = inv_root;
+        }
+      }
+      __syncthreads();
+      // E −= C(·, q) C(·, q)ᵀ over the live draws; column j keeps C(·, q) for the live ones
+      for (int idx = tid; idx < B * B; idx += kThreads) {
+        const int k = idx / B, l = idx % B;
+        if (!alive[k]) continue;
+        if (l == j) {
+          schur[idx] = column[k];
+        } else if (alive[l]) {
+          schur[idx] -= column[k] * column[l];
+        }
       }
       ++count;
       __syncthreads();
     }
-    // L += Σ_q g_q g_qᵀ over the round's pivots (rows and columns below count)
     const int fresh_count = count - first;
-    for (int idx = tid; idx < count * count; idx += kThreads) {
-      const int r = idx / count, c = idx % count;
-      double acc = 0;  // g_q has entries up to slot first + q
-      const int from = (r > c ? r : c) - first;
-      for (int qq = from > 0 ? from : 0; qq < fresh_count; ++qq) acc += fresh_g[qq * smax + r] * fresh_g[qq * smax + c];
-      kinv[r * smax + c] += acc;
+    // X = C⁻¹ (lower triangular), column q by thread q; fresh_g[r][first + q] = −X(r, q), g's
+    // coefficient of the round's slot q in the round's pivot r (0 above the diagonal). The sum
+    // Σ_{q<=t<r} C(r, t) X(t, q) runs in four chains.
+    if (tid < fresh_count) {
+      const int q = tid;
+      for (int r = 0; r < fresh_count; ++r) {
+        double x = 0;
+        if (r == q) {
+          x = pivot_inv_root[q];
+        } else if (r > q) {
+          const double* c_r = schur + slot_draw[r] * B;
+          double acc[4] = {};
+          int t = q;
+          for (; t + 4 <= r; t += 4) {
+#pragma unroll
+            for (int u = 0; u < 4; ++u) acc[u] += c_r[slot_draw[t + u]] * fresh_g[(t + u) * smax + first + q];
+          }
+          for (; t < r; ++t) acc[0] += c_r[slot_draw[t]] * fresh_g[t * smax + first + q];
+          x = ((acc[0] + acc[1]) + (acc[2] + acc[3])) * pivot_inv_root[r];  // fresh_g holds −X
+        }
+        fresh_g[r * smax + first + q] = -x;
+      }
     }
-    if (tid == 0) *state = BlockRoundState{first, count - first, 0, 0};
+    __syncthreads();
+    // older slots: g_r(m) = Σ_q X(r, q) old_r[c_q](m)
+    for (int idx = tid; idx < fresh_count * first; idx += kThreads) {
+      const int r = idx / first, mm = idx % first;
+      double acc = 0;
+      for (int q = 0; q <= r; ++q) acc -= fresh_g[r * smax + first + q] * old_r[slot_draw[q] * smax + mm];
+      fresh_g[r * smax + mm] = acc;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < fresh_count * count; idx += kThreads) {
+      const int r = idx / count, c = idx % count;
+      if (c <= first + r) g_table[(first + r) * smax + c] = fresh_g[r * smax + c];
+    }
+    for (int r = tid; r < fresh_count; r += kThreads) pivots[first + r] = draw_index[slot_draw[r]];
+    // L += Σ_r g_r g_rᵀ (rows and columns below count): a warp per 4 rows and 128 columns, a lane
+    // per 4 columns 32 apart; products added in r order, so L stays exactly symmetric
+    const int row_blocks = (count + 3) / 4, col_blocks = (count + 127) / 128;
+    for (int wb = warp; wb < row_blocks * col_blocks; wb += kWarps) {
+      const int r0 = (wb / col_blocks) * 4, c0 = (wb % col_blocks) * 128 + lane;
+      double acc[4][4] = {};
+      for (int r = 0; r < fresh_count; ++r) {
+        const double* gr = fresh_g + r * smax;
+        double a[4], b[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          a[u] = r0 + u < count ? gr[r0 + u] : 0.0;
+          b[u] = c0 + 32 * u < count ? gr[c0 + 32 * u] : 0.0;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+#pragma unroll
+          for (int v = 0; v < 4; ++v) acc[u][v] += a[u] * b[v];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          if (r0 + u < count && c0 + 32 * v < count) kinv[(r0 + u) * smax + c0 + 32 * v] += acc[u][v];
+        }
+      }
+    }
+    if (tid == 0) *state = BlockRoundState{first, fresh_count, 0, 0};
   };
 
   int count = 0, first = 0, fresh = 0;

@@ -178,7 +178,6 @@ void launch_block_pivots(const at::Tensor& points, const float* key_mean, const 
       }
     }
   }
-  at::Tensor keys_t = at::empty({bins_total, e, ws.length_max}, points.options());
   at::Tensor g_table = at::empty({bins_total, ws.slots_max, ws.slots_max}, points.options().dtype(at::kDouble));
   at::Tensor score_base = at::empty({bins_total, ws.length_max}, points.options().dtype(c10::CppTypeToScalarType<T>::value));
   at::Tensor round_ws;
@@ -205,7 +204,8 @@ void launch_block_pivots(const at::Tensor& points, const float* key_mean, const 
   p.tol = static_cast<T>(tol);
   p.seed = seed;
   p.sample_all = sample_all;
-  p.keys_t = reinterpret_cast<cuda_t*>(keys_t.mutable_data_ptr<scalar_t>());
+  p.vector_points = (e * points.element_size()) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(points.const_data_ptr()) % 16 == 0;
   p.residual = ws.residual;
   p.score_base = score_base.mutable_data_ptr<T>();
   p.sq_norm = ws.sq_norm;
