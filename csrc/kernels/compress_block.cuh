@@ -10,7 +10,8 @@
 //   - the leader CTA reduces the 32 draws over the cluster (distributed shared memory), accepts or
 //     rejects them one after the other, and publishes the pivots and their g vectors through
 //     global memory for the next sweep.
-// The arithmetic per point is the one-step kernel's (compress.cuh), operation for operation, and
+// The arithmetic per point is the one-step kernel's (compress.cuh), operation for operation, except
+// s = m² |k − mean|², taken from the norm pass (the same to a relative 1e-7), and
 // the draws and acceptance tests follow the CPU code (csrc/ops/cpu/pivoted_cholesky.h). The
 // acceptance works on the draws' Schur complement given the older pivots, a 32 × 32 matrix in
 // double eliminated one accepted pivot at a time (the CPU borders L and updates the later draws at
@@ -105,7 +106,7 @@ __host__ __device__ inline BlockLayout block_layout(int64_t e, int64_t slots_max
   l.state = take(sizeof(BlockRoundState));
   l.stats = take(sizeof(double) * 2);
   l.mean = take(sizeof(T) * e);
-  l.coords = take(sizeof(T) * (e + 1) * B);  // sweep: new pivots [c][i]; leader: draws [j][c]; keys tiles
+  l.coords = take(sizeof(T) * (e + 1) * B);  // sweep: new pivots [c][i]; leader: draws [j][c]
   // sweep: older rows' g coefficients; leader: the draws' Schur complement (B × B double)
   const size_t g_old_bytes = sizeof(T) * kBlockRowsStaged * B, schur_bytes = sizeof(double) * B * B;
   l.g_old = take(g_old_bytes > schur_bytes ? g_old_bytes : schur_bytes);
@@ -163,7 +164,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
     return;
   }
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int e32 = static_cast<int>(e);  // at most 256
+  const int e32 = static_cast<int>(e);  // the staging loops' index width (E is bounded by shared memory)
 
   // This CTA's points: whole Philox quads (positions 4q … 4q + 3 of the group), so that one call
   // gives a quad's noise; [lo, hi) in the bin.
@@ -571,8 +572,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
       }
     }
     __syncthreads();
-    // schur[k][l] = G(c_k, c_l) − R_old(:, c_k)ᵀ old_r[l]: a thread per draw k and kThreads / B of
-    // the l, its entries summed side by side
+    // schur[k][l] = G(c_k, c_l) − R_old(:, c_k)ᵀ old_r[l]: each thread takes one draw k and
+    // B² / kThreads of the l, kThreads / B apart, summed side by side (kThreads / B threads share k)
     constexpr int kSchurPerThread = B * B / kThreads;
     static_assert(B * B % kThreads == 0, "the draws' Schur complement is dealt evenly to the threads");
     {
