@@ -227,11 +227,10 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
       if (p.vector_points && c0 + kBatch <= e) {
 #pragma unroll
         for (int v = 0; v < kBatch / kVec; ++v) {
-          scalar_t piece[kVec];
-          const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row) + v);
-          memcpy(piece, &raw, sizeof raw);
+          T piece[kVec];
+          unpack_piece<scalar_t>(__ldg(reinterpret_cast<const uint4*>(row) + v), piece);
 #pragma unroll
-          for (int u = 0; u < kVec; ++u) xs[v * kVec + u] = static_cast<T>(to_acc(piece[u]));
+          for (int u = 0; u < kVec; ++u) xs[v * kVec + u] = piece[u];
         }
         return;
       }
@@ -241,9 +240,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
   };
   // store(i, load(i)) for i < count over the CTA, kBatch loads in flight per thread: a loop of
   // single global loads would wait for each in turn (each sweep and acceptance stages a few
-  // thousand entries, about 1 µs per round trip)
-  // (32-bit indices: the counts are a few thousand, and a 64-bit division by a runtime divisor
-  // costs about a hundred instructions)
+  // thousand entries, about 1 µs per round trip). 32-bit indices: a 64-bit division by a runtime
+  // divisor costs about a hundred instructions.
   const auto gather = [&](int count, auto load, auto store) {
     using V = decltype(load(0));
     for (int i0 = tid; i0 < count; i0 += kBatch * kThreads) {
@@ -540,9 +538,11 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
       }
       draw_kernel[idx] = vexp(dist * T(-0.5));
     }
-    // R_m(c_k) of an older slot m < first: from the cache or global memory
+    // R_m(c_k) of an older slot m < first: from the cache or global memory (0 for an empty draw, as
+    // in the cache; none reaches here today, since the draws are all empty or none is)
     const auto row_at_draw = [&](int mm, int k) -> T {
-      return mm < cached ? row_cache[mm * B + k] : __ldcg(rows + mm * lmax + draw_index[k]);
+      if (mm < cached) return row_cache[mm * B + k];
+      return draw_index[k] >= 0 ? __ldcg(rows + mm * lmax + draw_index[k]) : T(0);
     };
     // old_r[j][c] = (L_old R_old(:, c_j))_c: a thread per row c of L_old and half of the draws. L_old
     // comes in blocks of B rows staged through fresh_g (free until the acceptance ends), every
