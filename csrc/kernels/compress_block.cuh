@@ -219,12 +219,13 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
   __syncthreads();
   // Coordinates c0 … c0 + kBatch − 1 of point l of the bin, as T (0 past e), read from the keys as
   // given: a thread reads its own point's row, a 16-byte piece at a time where rows allow it.
+  // `whole` (a std::bool_constant) true says that c0 + kBatch <= e: no coordinate is tested.
   constexpr int kBatch = 8;  // coordinates loaded together, then their arithmetic
-  const auto load_keys = [&](int64_t l, int64_t c0, T (&xs)[kBatch]) {
+  const auto load_keys = [&](int64_t l, int64_t c0, T (&xs)[kBatch], auto whole) {
     const scalar_t* row = keys + l * e + c0;
     constexpr int kVec = 16 / sizeof(scalar_t);
     if constexpr (kBatch % kVec == 0) {
-      if (p.vector_points && c0 + kBatch <= e) {
+      if (p.vector_points && (whole || c0 + kBatch <= e)) {
 #pragma unroll
         for (int v = 0; v < kBatch / kVec; ++v) {
           T piece[kVec];
@@ -236,7 +237,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
       }
     }
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) xs[u] = c0 + u < e ? static_cast<T>(to_acc(row[u])) : T(0);
+    for (int u = 0; u < kBatch; ++u) xs[u] = whole || c0 + u < e ? static_cast<T>(to_acc(row[u])) : T(0);
   };
   // store(i, load(i)) for i < count over the CTA, kBatch loads in flight per thread: a loop of
   // single global loads would wait for each in turn (each sweep and acceptance stages a few
@@ -257,10 +258,10 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
     }
   };
   // the same, centred and scaled: x = (k − mean) m
-  const auto load_coords = [&](int64_t l, int64_t c0, T m_t, T (&xs)[kBatch]) {
-    load_keys(l, c0, xs);
+  const auto load_coords = [&](int64_t l, int64_t c0, T m_t, T (&xs)[kBatch], auto whole) {
+    load_keys(l, c0, xs, whole);
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) xs[u] = c0 + u < e ? (xs[u] - mean[c0 + u]) * m_t : T(0);
+    for (int u = 0; u < kBatch; ++u) xs[u] = whole || c0 + u < e ? (xs[u] - mean[c0 + u]) * m_t : T(0);
   };
 
   // Cluster-wide maximum of one double per CTA (every CTA gets it, in rank order).
@@ -283,7 +284,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
     for (int64_t c0 = 0; c0 < e; c0 += 4 * kBatch) {  // four batches' loads in flight at once
       T xs[4][kBatch];
 #pragma unroll
-      for (int v = 0; v < 4; ++v) load_coords(l, c0 + v * kBatch, T(1), xs[v]);
+      for (int v = 0; v < 4; ++v) load_coords(l, c0 + v * kBatch, T(1), xs[v], std::false_type{});
 #pragma unroll
       for (int v = 0; v < 4; ++v) {
 #pragma unroll
@@ -325,109 +326,145 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_
     gather(  // coords[c][i]: the new pivots' points
         e32 * B, [&](int idx) { return idx % B < fresh ? x_input(fresh_pivots[idx % B], idx / B) : T(0); },
         [&](int idx, T v) { coords[idx] = v; });
+    // the g coefficients load as doubles and round to T as they are stored, so that a gather's
+    // loads are all in flight before the first conversion waits on one
     gather(  // g_new[m][i]: slot first + i's coefficient of slot first + m (m <= i)
         B * B, [&](int idx) {
           const int64_t mm = idx / B, i = idx % B;
-          return i < fresh && mm <= i ? static_cast<T>(__ldcg(g_table + (first + i) * smax + first + mm)) : T(0);
+          return i < fresh && mm <= i ? __ldcg(g_table + (first + i) * smax + first + mm) : 0.0;
         },
-        [&](int idx, T v) { g_new[idx] = v; });
-    const int passes = (first + kBlockRowsStaged - 1) / kBlockRowsStaged;
-    // g_old[m][i]: slot first + i's coefficient of the older slot m0 + m
+        [&](int idx, double v) { g_new[idx] = static_cast<T>(v); });
+    // g_stage[m][i]: slot first + i's coefficient of the older slot m0 + m. All older slots at once
+    // in the leader's row cache where they fit (it is idle outside the acceptance), else passes of
+    // kBlockRowsStaged through g_old, each behind two block barriers per block of points.
+    const bool old_in_cache = first <= p.cached_rows;
+    T* const g_stage = old_in_cache ? row_cache : g_old;
+    const int per_pass = old_in_cache ? (first > 0 ? first : 1) : kBlockRowsStaged;
+    const int passes = (first + per_pass - 1) / per_pass;
     const auto stage_old = [&](int m0) {
-      const int count = first - m0 < kBlockRowsStaged ? first - m0 : kBlockRowsStaged;
+      const int count = first - m0 < per_pass ? first - m0 : per_pass;
       gather(
           count * B, [&](int idx) {
             const int64_t mm = idx / B, i = idx % B;
-            return i < fresh ? static_cast<T>(__ldcg(g_table + (first + i) * smax + m0 + mm)) : T(0);
+            return i < fresh ? __ldcg(g_table + (first + i) * smax + m0 + mm) : 0.0;
           },
-          [&](int idx, T v) { g_old[idx] = v; });
+          [&](int idx, double v) { g_stage[idx] = static_cast<T>(v); });
     };
     if (passes == 1) stage_old(0);
     __syncthreads();
-    for (int64_t base = lo; base < hi; base += kThreads) {  // the same trip count in every thread
-      const int64_t l = base + tid;
-      const bool active = l < hi;
-      T kernel[B], y[B];
-      if (active) {
+    // The points' work for the first 8 · kGroups pivots of the round (kGroups = ⌈fresh / 8⌉), so
+    // that no loop over the pivots tests `fresh` per group of 8. Pivots past `fresh` have zero
+    // coordinates and coefficients; their rows are formed and dropped.
+    const auto sweep_points = [&](auto groups) {
+      constexpr int P = 8 * decltype(groups)::value;
+      // |x_l − x_p|² of coordinate c for the P pivots: exactly 0 for a key equal to the pivot
+      const auto add_coordinate = [&](int64_t c, T x, T (&kernel)[P]) {
+        const T* xp = coords + c * B;
 #pragma unroll
-        for (int i = 0; i < B; ++i) kernel[i] = T(0);
-        for (int64_t c0 = 0; c0 < e; c0 += kBatch) {  // kBatch coordinates loaded, then their arithmetic
-          T xs[kBatch];
-          load_coords(l, c0, m_t, xs);
-#pragma unroll
-          for (int u = 0; u < kBatch; ++u) {
-            if (c0 + u < e) {
-              const T* xp = coords + (c0 + u) * B;
-#pragma unroll
-              for (int i0 = 0; i0 < B; i0 += 8) {
-                if (i0 < fresh) {
-#pragma unroll
-                  for (int i = i0; i < i0 + 8; ++i) {
-                    const T diff = xs[u] - xp[i];  // |x_l - x_p|^2: exactly 0 for a key equal to the pivot
-                    kernel[i] += diff * diff;
-                  }
-                }
-              }
-            }
-          }
+        for (int i = 0; i < P; ++i) {
+          const T diff = x - xp[i];
+          kernel[i] += diff * diff;
         }
-#pragma unroll
-        for (int i = 0; i < B; ++i) {
-          kernel[i] = vexp(kernel[i] * T(-0.5));
-          y[i] = g_new[i * B + i] * kernel[i];  // the pivot's own term first, as in one step
-        }
-      }
-      for (int pass = 0; pass < passes; ++pass) {  // older rows, in slot order
-        const int m0 = pass * kBlockRowsStaged;
-        if (passes > 1) {
-          __syncthreads();
-          stage_old(m0);
-          __syncthreads();
-        }
-        const int count = first - m0 < kBlockRowsStaged ? first - m0 : kBlockRowsStaged;
+      };
+      for (int64_t base = lo; base < hi; base += kThreads) {  // the same trip count in every thread
+        const int64_t l = base + tid;
+        const bool active = l < hi;
+        T y[P];
         if (active) {
-          for (int mm0 = 0; mm0 < count; mm0 += kBatch) {
-            T rs[kBatch];
+          T kernel[P];
 #pragma unroll
-            for (int u = 0; u < kBatch; ++u) rs[u] = mm0 + u < count ? rows[(m0 + mm0 + u) * lmax + l] : T(0);
+          for (int i = 0; i < P; ++i) kernel[i] = T(0);
+          int64_t c0 = 0;
+          for (; c0 + kBatch <= e; c0 += kBatch) {  // whole batches of coordinates, then the rest
+            T xs[kBatch];
+            load_coords(l, c0, m_t, xs, std::true_type{});
+#pragma unroll
+            for (int u = 0; u < kBatch; ++u) add_coordinate(c0 + u, xs[u], kernel);
+          }
+          if (c0 < e) {
+            T xs[kBatch];
+            load_coords(l, c0, m_t, xs, std::false_type{});
 #pragma unroll
             for (int u = 0; u < kBatch; ++u) {
-              if (mm0 + u < count) {
-                const T* gm = g_old + (mm0 + u) * B;
+              if (c0 + u < e) add_coordinate(c0 + u, xs[u], kernel);
+            }
+          }
+          // the rows go out now, so that the kernel values hold no registers through the older
+          // rows' loop; the round's earlier rows read them back below
+          int64_t at = first * lmax + l;
 #pragma unroll
-                for (int i0 = 0; i0 < B; i0 += 8) {
-                  if (i0 < fresh) {
+          for (int i = 0; i < P; ++i, at += lmax) {
+            const T kernel_i = vexp(kernel[i] * T(-0.5));
+            y[i] = g_new[i * B + i] * kernel_i;  // the pivot's own term first, as in one step
+            if (i < fresh) rows[at] = kernel_i;
+          }
+        }
+        for (int pass = 0; pass < passes; ++pass) {  // older rows, in slot order
+          const int m0 = pass * per_pass;
+          if (passes > 1) {
+            __syncthreads();
+            stage_old(m0);
+            __syncthreads();
+          }
+          const int count = first - m0 < per_pass ? first - m0 : per_pass;
+          if (active) {
+            int64_t at = m0 * lmax + l;  // rows[m0 + mm][l], advanced a row at a time
+            int mm0 = 0;
+            for (; mm0 + kBatch <= count; mm0 += kBatch) {  // kBatch rows' loads in flight
+              T rs[kBatch];
 #pragma unroll
-                    for (int i = i0; i < i0 + 8; ++i) y[i] += gm[i] * rs[u];
-                  }
-                }
+              for (int u = 0; u < kBatch; ++u, at += lmax) rs[u] = rows[at];
+#pragma unroll
+              for (int u = 0; u < kBatch; ++u) {
+                const T* gm = g_stage + (mm0 + u) * B;
+#pragma unroll
+                for (int i = 0; i < P; ++i) y[i] += gm[i] * rs[u];
               }
+            }
+            for (; mm0 < count; ++mm0, at += lmax) {
+              const T r = rows[at];
+              const T* gm = g_stage + mm0 * B;
+#pragma unroll
+              for (int i = 0; i < P; ++i) y[i] += gm[i] * r;
             }
           }
         }
-      }
-      if (active) {
-        // this round's earlier rows, in slot order (g_new is 0 above the diagonal)
+        if (active) {
+          // this round's earlier rows, in slot order, read back 8 at a time; g_new is 0 above the
+          // diagonal and in the columns past `fresh`, so rows past `fresh` (read as 0) add nothing
+          // to the y that count
+          int64_t at = first * lmax + l;
 #pragma unroll
-        for (int mm = 0; mm < B - 1; ++mm) {
-          if (mm + 1 < fresh) {
+          for (int mm0 = 0; mm0 < P; mm0 += 8) {
+            T earlier[8];
 #pragma unroll
-            for (int i = mm + 1; i < B; ++i) y[i] += g_new[mm * B + i] * kernel[mm];
+            for (int u = 0; u < 8; ++u, at += lmax) earlier[u] = mm0 + u < fresh ? rows[at] : T(0);
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+#pragma unroll
+              for (int i = mm0 + u + 1; i < P; ++i) y[i] += g_new[(mm0 + u) * B + i] * earlier[u];
+            }
           }
-        }
-        T d = residual[l];
+          T d = residual[l];
 #pragma unroll
-        for (int i = 0; i < B; ++i) {
-          if (i < fresh) {
-            rows[(first + i) * lmax + l] = kernel[i];
-            d = d - y[i] * y[i];
-            d = (l == fresh_pivots[i] || d < T(0)) ? T(0) : d;
+          for (int i = 0; i < P; ++i) {
+            if (i < fresh) {
+              d = d - y[i] * y[i];
+              d = (l == fresh_pivots[i] || d < T(0)) ? T(0) : d;
+            }
           }
+          residual[l] = d;
         }
-        residual[l] = d;
       }
+    };
+    static_assert(B == 32, "the sweep dispatches on groups of 8 of the round's 32 draws");
+    switch ((fresh + 7) / 8) {
+      case 1: sweep_points(std::integral_constant<int, 1>{}); break;
+      case 2: sweep_points(std::integral_constant<int, 2>{}); break;
+      case 3: sweep_points(std::integral_constant<int, 3>{}); break;
+      default: sweep_points(std::integral_constant<int, 4>{}); break;
     }
-    __syncthreads();  // coords, g_new and g_old are reused
+    __syncthreads();  // coords, g_new and the staged coefficients are reused
   };
 
   // ---- draws: this CTA's 32 candidates of round `round` ----
