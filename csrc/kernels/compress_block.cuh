@@ -128,7 +128,7 @@ __host__ __device__ inline BlockLayout block_layout(int64_t e, int64_t slots_max
 }
 
 template <typename scalar_t, typename T, int kThreads>
-__global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1) block_pivot_kernel(BlockPivotParams<scalar_t, T> p) {
+__global__ void __launch_bounds__(kThreads, 1) block_pivot_kernel(BlockPivotParams<scalar_t, T> p) {
   constexpr int B = kBlockDraws;
   constexpr int kWarps = kThreads / 32;
   const int ranks = p.cluster;

@@ -21,9 +21,11 @@ namespace cuda {
 namespace {
 
 constexpr int kPivotThreads = 512;
-constexpr int kBlockPivotThreads = 256;  // float: two CTAs per SM at 128 registers; double: one
-constexpr int64_t kBlockMinPoints = 512;  // points per CTA below which a bin gets no more CTAs (2 tiles)
-constexpr size_t kBlockSharedPerCta = 113 * 1024;  // two CTAs per SM (228 KB, 1 KB reserved per CTA)
+// Block pivoting: one CTA per SM, 512 threads at 128 registers for float state (256 at up to 255
+// for double), so that every SM of a cluster's round holds the same number of warps
+template <typename T>
+constexpr int kBlockPivotThreads = sizeof(T) == 4 ? 512 : 256;
+constexpr int64_t kBlockMinTiles = 2;  // tiles of a CTA's threads below which a bin gets no more CTAs
 constexpr int kWeightsThreads = 256;
 constexpr int kFinalizeThreads = 256;
 constexpr int64_t kWeightsChunk = 1024;  // points per CTA of the weighted sums
@@ -129,7 +131,7 @@ void launch_pivots(const at::Tensor& points, const float* key_mean, const T* que
 }
 
 // Block pivoting (compress_block.cuh) for the bins of more than 16 slots: a cluster of CTAs per
-// bin where the bins alone leave SMs idle (at most the portable 8, at least kBlockMinPoints points
+// bin where the bins alone leave SMs idle (at most the portable 8, at least kBlockMinTiles tiles
 // per CTA), one CTA per bin otherwise or before sm_90.
 template <typename scalar_t, typename T>
 void launch_block_pivots(const at::Tensor& points, const float* key_mean, const T* query_norm,
@@ -138,33 +140,33 @@ void launch_block_pivots(const at::Tensor& points, const float* key_mean, const 
                          PivotWorkspace<T>& ws, cudaStream_t stream) {
   using cuda_t = typename CudaType<scalar_t>::type;
   const int64_t bins_total = groups * num_bins;
-  const size_t fixed = kernels::block_layout<T>(e, ws.slots_max, false, 0, kBlockPivotThreads).bytes;
+  const size_t fixed = kernels::block_layout<T>(e, ws.slots_max, false, 0, kBlockPivotThreads<T>).bytes;
   TORCH_CHECK(fixed <= max_shared_memory(), "wildcat: block pivoting needs ", fixed,
               " bytes of shared memory for E = ", e, " and ", ws.slots_max, " slots per bin; the device has ",
               max_shared_memory());
   // The leader's round matrices, then as many older kernel rows at the round's draws as fit, go
-  // to shared memory within the room of two CTAs per SM (the rest stays in global memory).
-  const size_t budget = std::max(fixed, std::min(max_shared_memory(), kBlockSharedPerCta));
-  const bool round_in_smem = kernels::block_layout<T>(e, ws.slots_max, true, 0, kBlockPivotThreads).bytes <= budget;
-  const size_t base = kernels::block_layout<T>(e, ws.slots_max, round_in_smem, 0, kBlockPivotThreads).bytes;
+  // to shared memory (the rest stays in global memory).
+  const size_t budget = max_shared_memory();
+  const bool round_in_smem = kernels::block_layout<T>(e, ws.slots_max, true, 0, kBlockPivotThreads<T>).bytes <= budget;
+  const size_t base = kernels::block_layout<T>(e, ws.slots_max, round_in_smem, 0, kBlockPivotThreads<T>).bytes;
   const size_t per_row = sizeof(T) * kernels::kBlockDraws;
   const int cached_rows = static_cast<int>(std::min<int64_t>(ws.slots_max, (budget - base) / per_row));
-  const size_t smem = kernels::block_layout<T>(e, ws.slots_max, round_in_smem, cached_rows, kBlockPivotThreads).bytes;
-  auto kernel = kernels::block_pivot_kernel<cuda_t, T, kBlockPivotThreads>;
+  const size_t smem = kernels::block_layout<T>(e, ws.slots_max, round_in_smem, cached_rows, kBlockPivotThreads<T>).bytes;
+  auto kernel = kernels::block_pivot_kernel<cuda_t, T, kBlockPivotThreads<T>>;
   allow_shared_memory(kernel, smem);
   cudaLaunchConfig_t config{};
-  config.blockDim = dim3(kBlockPivotThreads);
+  config.blockDim = dim3(kBlockPivotThreads<T>);
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeClusterDimension;
   attribute.val.clusterDim.y = 1;
   attribute.val.clusterDim.z = 1;
-  // The largest cluster (at most the portable 8, at least kBlockMinPoints points per CTA) whose
+  // The largest cluster (at most the portable 8, at least kBlockMinTiles tiles per CTA) whose
   // clusters for all bins are resident at once: a bin left for a second wave doubles the time.
   int64_t cluster = 1;
   if (has_cluster_code(kernel)) {
-    const int64_t widest = std::clamp<int64_t>(ws.length_max / kBlockMinPoints, 1, 8);
+    const int64_t widest = std::clamp<int64_t>(ws.length_max / (kBlockMinTiles * kBlockPivotThreads<T>), 1, 8);
     for (int64_t c = widest; c > 1; --c) {
       attribute.val.clusterDim.x = static_cast<unsigned>(c);
       config.gridDim = dim3(static_cast<unsigned>(c));
