@@ -28,7 +28,7 @@ def main() -> int:
         (torch.float16, 3000, 24, 2, 128, 128, 2, 2, 33),    # resident, E = 128, 3 CTAs
         (torch.bfloat16, 20000, 8, 2, 64, 64, 2, 1, 9),      # resident, 10 CTAs (non-portable cluster)
         (torch.bfloat16, 8192, 16, 2, 64, 64, 1, 1, 9),      # resident, bins of 4,096: 8 CTAs of 512 keys
-        (torch.bfloat16, 4100, 40, 1, 64, 64, 2, 2, 9),      # block pivoting over clusters of 2 CTAs
+        (torch.bfloat16, 4100, 40, 1, 64, 64, 2, 2, 9),      # block pivoting over clusters of 4 CTAs
         (torch.float32, 3000, 33, 2, 40, 24, 2, 1, 9),       # bins of 17 and 16 slots: both pivot kernels
         (torch.float64, 900, 80, 1, 16, 8, 2, 2, 9),         # block pivoting in double
         (torch.bfloat16, 700, 40, 1, 64, 37, 2, 2, 9),       # weighted sums: values one by one (D = 37)

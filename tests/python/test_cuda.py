@@ -28,10 +28,9 @@ def to(device, *tensors):
      # two blocks of 8 slots; E = 128 over 5 CTAs, the last one shorter; 10 CTAs of four points per
      # thread (a non-portable cluster size)
      (8192, 32, 2, 64, 64), (5000, 24, 2, 128, 128), (20000, 8, 2, 64, 64),
-     # block pivoting (bins of more than 16 slots): 128 slots (older rows staged in two passes),
-     # 200 (the leader's g table too large for shared memory), and bins of 17 and 16 slots in one
-     # call (both pivot kernels)
-     (6000, 128, 1, 64, 64), (3000, 200, 1, 64, 64), (3000, 33, 2, 96, 32),
+     # block pivoting (bins of more than 16 slots): 128 slots, 400 (the leader's round matrices
+     # too large for shared memory), and bins of 17 and 16 slots in one call (both pivot kernels)
+     (6000, 128, 1, 64, 64), (3000, 400, 1, 64, 64), (3000, 33, 2, 96, 32),
      # weighted sums of value rows that are no whole 16-byte pieces (loaded one by one), and of
      # two blocks of columns (D + 1 > 72)
      (3000, 40, 1, 64, 37), (2500, 144, 1, 64, 128)],
@@ -99,6 +98,18 @@ def test_block_pivoting_over_a_cluster_picks_the_cpu_pivots(e):
     q_norm = torch.rand(groups) * 4 + 6
     cpu = wildcat.ops.compress_kv(k, v, rank, 1, None, q_norm, 8, lengths=lengths)
     gpu = wildcat.ops.compress_kv(*to("cuda", k, v), rank, 1, None, q_norm.cuda(), 8, lengths=lengths.cuda())
+    assert_same_compression(gpu, cpu)
+
+
+def test_block_pivoting_stages_older_coefficients_in_passes():
+    """float64 points and 1,000 slots: the leader's row cache holds 687 rows of the round's draws
+    (227 KB of shared memory, the round matrices in global memory), so once more than 687 pivots are
+    taken a sweep stages the older slots' g coefficients 64 at a time instead of all at once."""
+    groups, n, rank = 2, 2000, 1000
+    k, v = randn(groups, n, 64, dtype=torch.float64), randn(groups, n, 64, dtype=torch.float64)
+    cpu = wildcat.ops.compress_kv(k, v, rank, 1, None, None, 4)
+    assert (cpu.core_weights != 0).sum(-1).min() > 700  # the rounds went past the cache's rows
+    gpu = wildcat.ops.compress_kv(*to("cuda", k, v), rank, 1, None, None, 4)
     assert_same_compression(gpu, cpu)
 
 
