@@ -55,6 +55,12 @@ __device__ __forceinline__ T to_acc(T v) {
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// a · b rounded to T on its own. The CPU rounds a centred, scaled coordinate to T before it enters a
+// difference (pivoted_cholesky.h); a plain product there is fused by the compiler into that
+// subtraction (one FFMA), which rounds once instead of twice, and the rows drift from the CPU's.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
 // A residual above tol raised to T's smallest normal before its logarithm, as the CPU does
 // (pivoted_cholesky.h): the two pick the same pivots even for a tol below that.
 template <typename T>
@@ -447,7 +453,7 @@ __global__ void __launch_bounds__(kThreads) pivot_kernel(PivotParams<scalar_t, T
     if (piv < 0) break;  // every residual <= tol (early stop)
     count = i + 1;
     if (threadIdx.x == 0) p.pivots[gb * p.slots_max + i] = piv;
-    for (int64_t c = threadIdx.x; c < e; c += kThreads) xp[c] = (key_at(piv, c) - mean[c]) * m_t;
+    for (int64_t c = threadIdx.x; c < e; c += kThreads) xp[c] = mul_rn(key_at(piv, c) - mean[c], m_t);
     // bordering (one warp): g = (L a, -1) / sqrt(d_p), a_j = R_j(p)
     if (threadIdx.x < 32) {
       const double inv_sqrt_dp = 1.0 / sqrt(static_cast<double>(residual[piv]));
@@ -473,7 +479,7 @@ __global__ void __launch_bounds__(kThreads) pivot_kernel(PivotParams<scalar_t, T
     for (int64_t l = threadIdx.x; l < length; l += kThreads) {
       T dist = 0;  // |x_p - x_l|^2: no cancellation, exactly 0 for a key equal to the pivot
       for (int64_t c = 0; c < e; ++c) {
-        const T diff = (key_at(l, c) - mean[c]) * m_t - xp[c];
+        const T diff = mul_rn(key_at(l, c) - mean[c], m_t) - xp[c];
         dist += diff * diff;
       }
       const T kernel = vexp(dist * T(-0.5));

@@ -261,7 +261,7 @@ __global__ void __launch_bounds__(kThreads, 1) block_pivot_kernel(BlockPivotPara
   const auto load_coords = [&](int64_t l, int64_t c0, T m_t, T (&xs)[kBatch], auto whole) {
     load_keys(l, c0, xs, whole);
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) xs[u] = whole || c0 + u < e ? (xs[u] - mean[c0 + u]) * m_t : T(0);
+    for (int u = 0; u < kBatch; ++u) xs[u] = whole || c0 + u < e ? mul_rn(xs[u] - mean[c0 + u], m_t) : T(0);
   };
 
   // Cluster-wide maximum of one double per CTA (every CTA gets it, in rank order).
@@ -302,7 +302,7 @@ __global__ void __launch_bounds__(kThreads, 1) block_pivot_kernel(BlockPivotPara
   }
   const T m_t = static_cast<T>(m);
   // a point's coordinate from the (read-only) input keys, for points of other CTAs
-  const auto x_input = [&](int64_t l, int64_t c) -> T { return (static_cast<T>(to_acc(keys[l * e + c])) - mean[c]) * m_t; };
+  const auto x_input = [&](int64_t l, int64_t c) -> T { return mul_rn(static_cast<T>(to_acc(keys[l * e + c])) - mean[c], m_t); };
 
   // s_l = |m (k_l − mean)|² = m² |k_l − mean|², from the norm pass (each thread its own points)
   // rather than a second pass over the keys; the CPU squares the rounded float coordinates, the

@@ -108,7 +108,8 @@ def test_block_pivoting_stages_older_coefficients_in_passes():
     groups, n, rank = 2, 2000, 1000
     k, v = randn(groups, n, 64, dtype=torch.float64), randn(groups, n, 64, dtype=torch.float64)
     cpu = wildcat.ops.compress_kv(k, v, rank, 1, None, None, 4)
-    assert (cpu.core_weights != 0).sum(-1).min() > 700  # the rounds went past the cache's rows
+    # a sweep with more than 687 older slots needs a round to start past them: 688 + 32 pivots
+    assert (cpu.core_weights != 0).sum(-1).min() >= 720
     gpu = wildcat.ops.compress_kv(*to("cuda", k, v), rank, 1, None, None, 4)
     assert_same_compression(gpu, cpu)
 
