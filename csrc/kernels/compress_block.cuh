@@ -34,7 +34,7 @@
 namespace wildcat {
 namespace kernels {
 
-constexpr int kBlockRowsStaged = 64;  // g coefficients of older rows staged per pass of a sweep
+constexpr int kBlockRowsStaged = 64;  // older g coefficients per staging pass, where the row cache cannot hold them all
 
 template <typename scalar_t, typename T>
 struct BlockPivotParams {
