@@ -89,7 +89,7 @@ def test_compress_with_lengths_picks_the_cpu_pivots(e):
 
 @pytest.mark.parametrize("e", [64, 128])
 def test_block_pivoting_over_a_cluster_picks_the_cpu_pivots(e):
-    """Few groups of long bins: each bin's rounds run on a cluster of 8 CTAs, with key padding that
+    """Few groups of long bins: each bin's rounds run on a cluster of up to 8 CTAs, with key padding that
     ends inside a CTA's points, a short bin (3,001 keys), and bins with at most as many keys as
     slots (kept exactly)."""
     groups, n, rank = 6, 30000, 64

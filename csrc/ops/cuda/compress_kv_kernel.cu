@@ -22,7 +22,9 @@ namespace {
 
 constexpr int kPivotThreads = 512;
 // Block pivoting: one CTA per SM, 512 threads at 128 registers for float state (256 at up to 255
-// for double), so that every SM of a cluster's round holds the same number of warps
+// for double). Against two CTAs of 256 per SM it measured 7% faster at N = 4,096 and level at
+// 16,384 and 65,536 (benchmarks/NOTES.md, session 12); at 65,536 the clusters that fit at once can
+// leave SMs idle (32 clusters of 3 on an H200: 96 of 132 SMs).
 template <typename T>
 constexpr int kBlockPivotThreads = sizeof(T) == 4 ? 512 : 256;
 constexpr int64_t kBlockMinTiles = 2;  // tiles of a CTA's threads below which a bin gets no more CTAs
