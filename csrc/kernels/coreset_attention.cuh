@@ -205,8 +205,6 @@ __global__ void __launch_bounds__(kSimtWarps * 32) coreset_attention_simt(Attent
 // Tensor-core kernel
 // ---------------------------------------------------------------------------------------------
 
-constexpr int kMmaWarps = 8;            // 16 query rows each
-constexpr int kMmaTileRows = 16 * kMmaWarps;
 constexpr float kRescaleSlack = 8.0f;  // log2 units the running maximum may lag behind a row's logits
 constexpr int kMmaQueryPad = 8;  // 16-bit elements of padding per query row: ldmatrix without bank conflicts
 constexpr int kMmaKeyPad = 32;   // per key row: each row's 16-byte loads start 64 bytes (mod 128) after the last's
@@ -216,6 +214,29 @@ constexpr int kMmaKeyPad = 32;   // per key row: each row's 16-byte loads start 
 template <int kDim>
 constexpr int mma_chunk() {
   return kDim == 64 ? 32 : 64;
+}
+
+// 16-row tiles of queries per warp. At D = 64 a warp takes 32 rows, so that every B fragment of
+// the keys and of V̂ it loads from shared memory serves two mma: with 16 rows per warp the kernel
+// was bound by those loads (shared-memory wavefronts 80% of the cycles, benchmarks/NOTES.md). At
+// D = 128 the accumulators of two tiles would not fit in registers.
+template <int kDim>
+constexpr int mma_row_tiles() {
+  return kDim == 64 ? 2 : 1;
+}
+
+// Warps of a CTA, one CTA per SM. At D = 64 the 32-row blocks fit the 168 registers that 12 warps
+// allow, 384 rows per SM; 8 warps (256 rows) measured 5-8% slower, also with the next chunk's
+// Q Kᵀ issued beside this chunk's P V̂ (benchmarks/NOTES.md).
+template <int kDim>
+constexpr int mma_warps() {
+  return kDim == 64 ? 12 : 8;
+}
+
+// Query rows per tile of a CTA (all its warps).
+template <int kDim>
+constexpr int mma_tile_rows() {
+  return 16 * mma_row_tiles<kDim>() * mma_warps<kDim>();
 }
 
 template <int kDim>
@@ -231,7 +252,7 @@ template <int kDim>
 __host__ __device__ inline size_t mma_smem_bytes(int64_t r, int stages) {
   const int64_t rp = mma_padded_rank<kDim>(r);
   return rp * (kDim + kMmaKeyPad) * 2 + rp * (kDim + 8) * 2 + 2 * (kDim + 8) * 4 + 2 * kDim * 4 +
-         static_cast<size_t>(kMmaWarps) * stages * 16 * (kDim + kMmaQueryPad) * 2;
+         static_cast<size_t>(mma_tile_rows<kDim>()) * stages * (kDim + kMmaQueryPad) * 2;
 }
 
 // Where key column c goes within its row: in each block of 32 columns (two k-steps of 16), the
@@ -343,13 +364,133 @@ __device__ __forceinline__ float min_keep_nan(float a, float b) {
   return y;
 }
 
-// grid (CTAs), block 256. The CTA stages the kv head's coreset in shared memory, then walks its
-// query tiles of that head (and of the following heads, where its share of tiles reaches into them).
-// Fragment layouts are those of the PTX ISA for mma.m16n8k16: lane = 4 * group + quad; a thread
-// holds rows group and group + 8 and columns 2 * quad, 2 * quad + 1 of every 8-column tile.
-// E = D = 64 fits two CTAs per SM in shared memory, and in registers (at most 128) too.
-template <typename scalar_t, int kDim>
-__global__ void __launch_bounds__(kMmaWarps * 32, kDim == 64 ? 2 : 1)
+// Stages one kv head's coreset in the shared-memory layout of coreset_attention_mma (keys in
+// fragment order, float16 V̂ with the weights' column, the columns' scales, the bounds) and ends
+// with a barrier. Kept out of line: with the staging's registers in the kernel's one allocation,
+// the tile loop's code came out 8% slower at N = 262,144 (benchmarks/NOTES.md).
+template <typename scalar_t, int kDim, int kThreads>
+__device__ __noinline__ void stage_coreset(const scalar_t* keys, const float* values, const float* weights,
+                                           const float* value_min, const float* value_max, int r, int rp,
+                                           unsigned char* smem_raw) {
+  constexpr int kKeyStride = kDim + kMmaKeyPad;
+  constexpr int kValueCols = kDim + 8;
+  constexpr int kPieces = kDim * 2 / 16;
+  constexpr int kBatch = 8;
+  scalar_t* keys_s = reinterpret_cast<scalar_t*>(smem_raw);
+  __half* values_s = reinterpret_cast<__half*>(keys_s + rp * kKeyStride);
+  float* scale_s = reinterpret_cast<float*>(values_s + rp * kValueCols);
+  float* unscale_s = scale_s + kValueCols;
+  float* vmin_s = unscale_s + kValueCols;
+  float* vmax_s = vmin_s + kDim;
+  // Stage the coreset (padding slots: zero key, value and weight; masked from the softmax): a
+  // fixed cost per segment. Each thread owns one value column. First the largest magnitude of each
+  // value column and of the weights (non-negative floats order as their bit patterns; a NaN wins,
+  // which leaves the column unscaled), then the float16 columns scaled by their powers of two.
+  // Every global load goes out before the first is used: the thread's first kValueRows rows of its
+  // column stay in registers for both passes, and its first kKeyBatch key pieces, its weight and
+  // bound load beside them, so that the staging waits about one round trip to L2 (in separate
+  // passes it took about 9 µs, more than a tile of queries; benchmarks/NOTES.md). The registers
+  // hold r = 128; larger coresets read their further rows and pieces in the loops after.
+  constexpr int kRowsPerPass = kThreads / kDim;  // rows of the values covered by one pass of the block
+  constexpr int kValueRows = (128 + kRowsPerPass - 1) / kRowsPerPass;
+  constexpr int kKeyBatch = (128 * kPieces + kThreads - 1) / kThreads;
+  const int col = threadIdx.x % kDim, row_first = threadIdx.x / kDim;
+  unsigned* peak_s = reinterpret_cast<unsigned*>(unscale_s);
+  for (int c = threadIdx.x; c < kValueCols; c += kThreads) peak_s[c] = 0u;
+  uint4 key_piece[kKeyBatch];
+#pragma unroll
+  for (int j = 0; j < kKeyBatch; ++j) {
+    const int piece = threadIdx.x + j * kThreads;
+    key_piece[j] = piece < r * kPieces ? reinterpret_cast<const uint4*>(keys)[piece] : make_uint4(0u, 0u, 0u, 0u);
+  }
+  float x[kValueRows];
+#pragma unroll
+  for (int j = 0; j < kValueRows; ++j) {
+    const int row = row_first + j * kRowsPerPass;
+    x[j] = row < r ? values[row * kDim + col] : 0.0f;
+  }
+  const float weight = threadIdx.x < r ? weights[threadIdx.x] : 0.0f;
+  float lo = -INFINITY, hi = INFINITY;
+  if (threadIdx.x < kDim) {
+    if (value_min) lo = value_min[threadIdx.x];
+    if (value_max) hi = value_max[threadIdx.x];
+  }
+  __syncthreads();  // peak_s is zero
+  float peak = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kValueRows; ++j) peak = max_keep_nan(peak, fabsf(x[j]));
+#pragma unroll 8
+  for (int s = row_first + kValueRows * kRowsPerPass; s < r; s += kRowsPerPass) {
+    peak = max_keep_nan(peak, fabsf(values[s * kDim + col]));
+  }
+  atomicMax(&peak_s[col], __float_as_uint(peak));
+  float weight_peak = max_keep_nan(0.0f, fabsf(weight));
+  for (int s = threadIdx.x + kThreads; s < r; s += kThreads) weight_peak = max_keep_nan(weight_peak, fabsf(weights[s]));
+  atomicMax(&peak_s[kDim], __float_as_uint(weight_peak));
+  // keys: 16-byte pieces (8 columns), each scattered as four 32-bit words to mma_key_position
+  auto store_key_piece = [&](int piece, uint4 v) {
+    uint32_t* row = reinterpret_cast<uint32_t*>(keys_s + piece / kPieces * kKeyStride);
+    const int c = piece % kPieces * 8;
+    row[mma_key_position(c) / 2] = v.x;
+    row[mma_key_position(c + 2) / 2] = v.y;
+    row[mma_key_position(c + 4) / 2] = v.z;
+    row[mma_key_position(c + 6) / 2] = v.w;
+  };
+#pragma unroll
+  for (int j = 0; j < kKeyBatch; ++j) {
+    const int piece = threadIdx.x + j * kThreads;
+    if (piece < rp * kPieces) store_key_piece(piece, key_piece[j]);
+  }
+  for (int t = threadIdx.x + kKeyBatch * kThreads; t < rp * kPieces; t += kThreads * kBatch) {
+    uint4 more[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int piece = t + j * kThreads;
+      more[j] = piece < r * kPieces ? reinterpret_cast<const uint4*>(keys)[piece] : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int piece = t + j * kThreads;
+      if (piece < rp * kPieces) store_key_piece(piece, more[j]);
+    }
+  }
+  if (threadIdx.x < kDim) {
+    vmin_s[threadIdx.x] = lo;
+    vmax_s[threadIdx.x] = hi;
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < kValueCols; c += kThreads) {
+    const int k = half_scale_exponent(__uint_as_float(peak_s[c]));  // read before unscale_s[c] replaces it
+    scale_s[c] = ldexpf(1.0f, k);
+    unscale_s[c] = ldexpf(1.0f, -k);
+  }
+  __syncthreads();
+  const float column_scale = scale_s[col];
+#pragma unroll
+  for (int j = 0; j < kValueRows; ++j) {
+    const int row = row_first + j * kRowsPerPass;
+    if (row < rp) values_s[row * kValueCols + col] = __float2half_rn(x[j] * column_scale);
+  }
+#pragma unroll 8
+  for (int s = row_first + kValueRows * kRowsPerPass; s < rp; s += kRowsPerPass) {
+    values_s[s * kValueCols + col] = __float2half_rn((s < r ? values[s * kDim + col] : 0.0f) * column_scale);
+  }
+  for (int i = threadIdx.x; i < rp * 8; i += kThreads) {
+    const int s = i / 8, c = kDim + i % 8;
+    values_s[s * kValueCols + c] = __float2half_rn(c == kDim && s < r ? weights[s] * scale_s[kDim] : 0.0f);
+  }
+  __syncthreads();
+}
+
+// grid (CTAs, one per SM), block 32 mma_warps (384 at D = 64, 256 at D = 128). The CTA stages the kv
+// head's coreset in shared memory, then walks its query tiles of that head (and of the following
+// heads, where its share of tiles reaches into them). Fragment layouts are those of the PTX ISA for
+// mma.m16n8k16: lane = 4 * group + quad; a thread holds rows group and group + 8 and columns
+// 2 * quad, 2 * quad + 1 of every 8-column tile.
+// kCenter is p.center_values, a template parameter so that the common uncentred call issues no
+// per-entry offset.
+template <typename scalar_t, int kDim, bool kCenter>
+__global__ void __launch_bounds__(mma_warps<kDim>() * 32, 1)
     coreset_attention_mma(AttentionParams<scalar_t, float> p) {
   constexpr int kQueryStride = kDim + kMmaQueryPad;  // 16-bit elements
   constexpr int kKeyStride = kDim + kMmaKeyPad;
@@ -357,9 +498,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32, kDim == 64 ? 2 : 1)
   constexpr int kSteps = kDim / 16;                  // k-steps of Q Kᵀ
   constexpr int kTiles = kDim / 8;                   // 8-column tiles of the output
   constexpr int kPieces = kDim * 2 / 16;             // 16-byte pieces of a row
-  constexpr int kThreads = kMmaWarps * 32;
+  constexpr int kThreads = mma_warps<kDim>() * 32;
   constexpr int kMmaChunk = mma_chunk<kDim>();
-  constexpr int kBatch = 8;                          // staging loads in flight per thread
+  constexpr int kRowTiles = mma_row_tiles<kDim>();
+  constexpr int kRows = 16 * kRowTiles;              // query rows of a warp's block
+  constexpr int kTileRows = mma_tile_rows<kDim>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int rp = static_cast<int>(mma_padded_rank<kDim>(p.r));
   const int r = static_cast<int>(p.r);
@@ -371,19 +514,32 @@ __global__ void __launch_bounds__(kMmaWarps * 32, kDim == 64 ? 2 : 1)
   float* vmax_s = vmin_s + kDim;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = lane / 4, quad = lane % 4;
-  // this warp's query buffers: 16 rows of kQueryStride elements (the padding keeps ldmatrix and
+  // this warp's query buffers: kRows rows of kQueryStride elements (the padding keeps ldmatrix and
   // the output block's 32-bit writes free of bank conflicts)
-  scalar_t* rows_s = reinterpret_cast<scalar_t*>(vmax_s + kDim) + warp * p.query_stages * 16 * kQueryStride;
+  scalar_t* rows_s = reinterpret_cast<scalar_t*>(vmax_s + kDim) + warp * p.query_stages * kRows * kQueryStride;
   const unsigned rows_address = static_cast<unsigned>(__cvta_generic_to_shared(rows_s));
-  constexpr unsigned kBufferBytes = 16 * kQueryStride * 2;
+  constexpr unsigned kBufferBytes = kRows * kQueryStride * 2;
 
-  // The CTA's share of the (head, query tile) items, heads major: contiguous, and balanced to
-  // within one item, so that one wave of CTAs covers the launch whatever the head count. Each run
-  // of one head's tiles (a segment) stages that head's coreset.
-  const int64_t tiles = (p.m + kMmaTileRows - 1) / kMmaTileRows;
+  // The CTA's share of the (head, query tile) items, heads major and contiguous, so that one wave
+  // of CTAs covers the launch whatever the head count. Each run of one head's tiles (a segment)
+  // stages that head's coreset, which costs about as much as a tile: the shares are equal parts of
+  // a line on which every head counts its tiles plus one for its staging, so that a CTA whose
+  // share crosses into the next head gets about one tile less (equal item counts left those CTAs
+  // a staging behind the rest, 2% of the kernel at M = 65,536; benchmarks/NOTES.md). With no more
+  // items than CTAs, each CTA takes one.
+  const int64_t tiles = (p.m + kTileRows - 1) / kTileRows;
   const int64_t items = p.batch_heads * tiles;
-  const int64_t item_last = (blockIdx.x + 1) * items / gridDim.x;
-  for (int64_t item = blockIdx.x * items / gridDim.x; item < item_last;) {
+  int64_t item_first = blockIdx.x, item_last = blockIdx.x + 1;
+  if (items > gridDim.x) {
+    const int64_t head_units = tiles + 1, units = p.batch_heads * head_units;
+    auto item_at = [&](int64_t unit) {  // the first item at or after `unit` on the line
+      const int64_t offset = unit % head_units;
+      return unit / head_units * tiles + (offset > 0 ? offset - 1 : 0);
+    };
+    item_first = item_at(blockIdx.x * units / gridDim.x);
+    item_last = item_at((blockIdx.x + 1) * units / gridDim.x);
+  }
+  for (int64_t item = item_first; item < item_last;) {
     const int64_t bh = item / tiles;
     const int64_t tile_first = item % tiles;
     const int64_t tile_last = tile_first + (item_last - item) < tiles ? tile_first + (item_last - item) : tiles;
@@ -391,106 +547,43 @@ __global__ void __launch_bounds__(kMmaWarps * 32, kDim == 64 ? 2 : 1)
     __syncthreads();  // every warp is done with the previous segment's coreset
     const int64_t batch = bh / p.q_heads, head = bh % p.q_heads;
     const int64_t kvh = batch * p.kv_heads + head / (p.q_heads / p.kv_heads);
-    // The warp's 16 rows of a tile: row0 + 0..15. Lane l copies piece l % kPieces (16 bytes) of rows
+    // The warp's kRows rows of a tile: row0 + 0..kRows - 1. Lane l copies piece l % kPieces (16 bytes) of rows
     // row0 + l / kPieces + kRowStep i; the per-lane parts of the addresses are formed once here.
     constexpr int kRowStep = 32 / kPieces;
     const int lane_row = lane / kPieces, lane_part = lane % kPieces;
     const scalar_t* query_lane = p.query + (bh * p.m + lane_row) * kDim + lane_part * 8;
     scalar_t* out_lane = p.out + (bh * p.m + lane_row) * kDim + lane_part * 8;
     const unsigned buffer_lane = (lane_row * kQueryStride + lane_part * 8) * 2;  // bytes into a buffer
-    auto block_row0 = [&](int64_t tile) { return tile * kMmaTileRows + warp * 16; };
+    auto block_row0 = [&](int64_t tile) { return tile * kTileRows + warp * kRows; };
+    // A whole block copies from one base address with constant offsets and no tests (the tests and
+    // 64-bit selects per piece cost about 100 instructions per block); only a block that reaches
+    // past M tests each row.
     auto load_block = [&](int64_t tile, int buffer) {
       const int64_t row0 = block_row0(tile);
+      const unsigned dst = rows_address + buffer * kBufferBytes + buffer_lane;
+      if (row0 + kRows <= p.m) {
+        const scalar_t* src = query_lane + row0 * kDim;
 #pragma unroll
-      for (int i = 0; i < 16 / kRowStep; ++i) {
-        const int64_t row = row0 + kRowStep * i;
-        const bool valid = row + lane_row < p.m;
-        copy_async_16_or_zero(rows_address + buffer * kBufferBytes + buffer_lane + kRowStep * i * kQueryStride * 2,
-                              valid ? query_lane + row * kDim : p.query, valid);
+        for (int i = 0; i < kRows / kRowStep; ++i) {
+          copy_async_16_or_zero(dst + kRowStep * i * kQueryStride * 2, src + kRowStep * i * kDim, true);
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < kRows / kRowStep; ++i) {
+          const int64_t row = row0 + kRowStep * i;
+          const bool valid = row + lane_row < p.m;
+          copy_async_16_or_zero(dst + kRowStep * i * kQueryStride * 2, valid ? query_lane + row * kDim : p.query,
+                                valid);
+        }
       }
       asm volatile("cp.async.commit_group;\n" ::);
     };
     // the first block's copies go out before the coreset is staged, which overlaps their latency
     if (tile_first < tile_last) load_block(tile_first, 0);
 
-    // Stage the coreset (padding slots: zero key, value and weight; masked from the softmax), with
-    // kBatch loads in flight per thread: the staging is a fixed cost per segment. Each thread owns one
-    // value column. First the largest magnitude of each value column and of the weights
-    // (non-negative floats order as their bit patterns; a NaN wins, which leaves the column
-    // unscaled), then the float16 columns scaled by their powers of two.
-    const float* values = p.values + kvh * p.r * kDim;
-    const float* weights = p.weights + kvh * p.r;
-    const scalar_t* keys = p.keys + kvh * p.r * kDim;
-    constexpr int kRowsPerPass = kThreads / kDim;  // rows of the values covered by one pass of the block
-    const int col = threadIdx.x % kDim, row_first = threadIdx.x / kDim;
-    unsigned* peak_s = reinterpret_cast<unsigned*>(unscale_s);
-    for (int c = threadIdx.x; c < kValueCols; c += kThreads) peak_s[c] = 0u;
-    __syncthreads();
-    float peak = 0.0f;
-    for (int s = row_first; s < r; s += kRowsPerPass * kBatch) {
-      float x[kBatch];
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        x[j] = s + j * kRowsPerPass < r ? values[(s + j * kRowsPerPass) * kDim + col] : 0.0f;
-      }
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) peak = max_keep_nan(peak, fabsf(x[j]));
-    }
-    atomicMax(&peak_s[col], __float_as_uint(peak));
-    float weight_peak = 0.0f;
-    for (int s = threadIdx.x; s < r; s += kThreads) weight_peak = max_keep_nan(weight_peak, fabsf(weights[s]));
-    atomicMax(&peak_s[kDim], __float_as_uint(weight_peak));
-    __syncthreads();
-    for (int c = threadIdx.x; c < kValueCols; c += kThreads) {
-      const int k = half_scale_exponent(__uint_as_float(peak_s[c]));  // read before unscale_s[c] replaces it
-      scale_s[c] = ldexpf(1.0f, k);
-      unscale_s[c] = ldexpf(1.0f, -k);
-    }
-    __syncthreads();
-    const float column_scale = scale_s[col];
-    for (int s = row_first; s < rp; s += kRowsPerPass * kBatch) {
-      float x[kBatch];
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        x[j] = s + j * kRowsPerPass < r ? values[(s + j * kRowsPerPass) * kDim + col] : 0.0f;
-      }
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        if (s + j * kRowsPerPass < rp) {
-          values_s[(s + j * kRowsPerPass) * kValueCols + col] = __float2half_rn(x[j] * column_scale);
-        }
-      }
-    }
-    for (int i = threadIdx.x; i < rp * 8; i += kThreads) {
-      const int s = i / 8, c = kDim + i % 8;
-      values_s[s * kValueCols + c] = __float2half_rn(c == kDim && s < r ? weights[s] * scale_s[kDim] : 0.0f);
-    }
-    // keys: 16-byte pieces (8 columns), each scattered as four 32-bit words to mma_key_position
-    for (int t = threadIdx.x; t < rp * kPieces; t += kThreads * kBatch) {
-      uint4 x[kBatch];
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        const int piece = t + j * kThreads;
-        x[j] = piece < r * kPieces ? reinterpret_cast<const uint4*>(keys)[piece] : make_uint4(0u, 0u, 0u, 0u);
-      }
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        const int piece = t + j * kThreads;
-        if (piece < rp * kPieces) {
-          uint32_t* row = reinterpret_cast<uint32_t*>(keys_s + piece / kPieces * kKeyStride);
-          const int c = piece % kPieces * 8;
-          row[mma_key_position(c) / 2] = x[j].x;
-          row[mma_key_position(c + 2) / 2] = x[j].y;
-          row[mma_key_position(c + 4) / 2] = x[j].z;
-          row[mma_key_position(c + 6) / 2] = x[j].w;
-        }
-      }
-    }
-    for (int c = threadIdx.x; c < kDim; c += kThreads) {
-      vmin_s[c] = p.value_min ? p.value_min[kvh * kDim + c] : -INFINITY;
-      vmax_s[c] = p.value_max ? p.value_max[kvh * kDim + c] : INFINITY;
-    }
-    __syncthreads();
+    stage_coreset<scalar_t, kDim, kThreads>(p.keys + kvh * p.r * kDim, p.values + kvh * p.r * kDim, p.weights + kvh * p.r,
+                                            p.value_min ? p.value_min + kvh * kDim : nullptr,
+                                            p.value_max ? p.value_max + kvh * kDim : nullptr, r, rp, smem_raw);
     // exp(β x) = exp2(x β log2 e); β > 0 (checked by the op), so the running maximum of the raw
     // logits is that of the scaled ones. A β below float range becomes the least normal float:
     // finite logits still give exp2(~0) = 1, and the padding's -inf gives 0 rather than NaN.
@@ -514,20 +607,30 @@ __global__ void __launch_bounds__(kMmaWarps * 32, kDim == 64 ? 2 : 1)
       }
       __syncwarp();
       const unsigned block_address = rows_address + buffer * kBufferBytes;
-      uint32_t qa[kSteps][4];
+      // Row tile rt of the block: rows 16 rt .. 16 rt + 15. Its fragments, logits, maxima and
+      // accumulators carry rt as their first index; each B fragment serves every row tile.
+      uint32_t qa[kRowTiles][kSteps][4];
 #pragma unroll
-      for (int k = 0; k < kSteps; ++k) {  // lane l addresses row l % 16, columns 16 k + 8 (l / 16)
-        ldmatrix_x4(qa[k], block_address + ((lane % 16) * kQueryStride + 16 * k + 8 * (lane / 16)) * 2);
+      for (int rt = 0; rt < kRowTiles; ++rt) {
+#pragma unroll
+        for (int k = 0; k < kSteps; ++k) {  // lane l addresses row l % 16, columns 16 k + 8 (l / 16)
+          ldmatrix_x4(qa[rt][k],
+                      block_address + ((16 * rt + lane % 16) * kQueryStride + 16 * k + 8 * (lane / 16)) * 2);
+        }
       }
-      float acc[kTiles + 1][4];  // tile kTiles: column 0 is Σ P w
+      float acc[kRowTiles][kTiles + 1][4];  // tile kTiles: column 0 is Σ P w
 #pragma unroll
-      for (int n = 0; n <= kTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-      float row_max[2] = {-INFINITY, -INFINITY};
+      for (int rt = 0; rt < kRowTiles; ++rt) {
+#pragma unroll
+        for (int n = 0; n <= kTiles; ++n) acc[rt][n][0] = acc[rt][n][1] = acc[rt][n][2] = acc[rt][n][3] = 0.0f;
+      }
+      float row_max[kRowTiles][2];
 
       for (int s0 = 0; s0 < rp; s0 += kMmaChunk) {
-        float sc[kMmaChunk / 8][4];  // logits of the chunk's keys, in tiles of 8
-        // One 16-byte load holds b0, b1 of two k-steps. The loads are volatile, as the mma are, so
-        // they stay in this order: the next tile's keys are in flight while this tile multiplies.
+        // The logits of the chunk, in tiles of 8 keys. One 16-byte load holds b0, b1 of two
+        // k-steps. The loads are volatile, as the mma are, so they stay in this order: the next
+        // tile's keys are in flight while this tile multiplies.
+        float sc[kRowTiles][kMmaChunk / 8][4];
         const unsigned krow = keys_address + (s0 * kKeyStride) * 2 + key_lane;
         uint4 b[kSteps / 2], next[kSteps / 2];
 #pragma unroll
@@ -540,11 +643,14 @@ __global__ void __launch_bounds__(kMmaWarps * 32, kDim == 64 ? 2 : 1)
               next[k] = load_shared_16(krow + (8 * (n + 1) * kKeyStride) * 2 + k * 64);
             }
           }
-          sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
 #pragma unroll
-          for (int k = 0; k < kSteps; k += 2) {
-            mma_16x8x16<scalar_t>(sc[n], qa[k], b[k / 2].x, b[k / 2].y);
-            mma_16x8x16<scalar_t>(sc[n], qa[k + 1], b[k / 2].z, b[k / 2].w);
+          for (int rt = 0; rt < kRowTiles; ++rt) {
+            sc[rt][n][0] = sc[rt][n][1] = sc[rt][n][2] = sc[rt][n][3] = 0.0f;
+#pragma unroll
+            for (int k = 0; k < kSteps; k += 2) {
+              mma_16x8x16<scalar_t>(sc[rt][n], qa[rt][k], b[k / 2].x, b[k / 2].y);
+              mma_16x8x16<scalar_t>(sc[rt][n], qa[rt][k + 1], b[k / 2].z, b[k / 2].w);
+            }
           }
 #pragma unroll
           for (int k = 0; k < kSteps / 2; ++k) b[k] = next[k];
@@ -554,87 +660,118 @@ __global__ void __launch_bounds__(kMmaWarps * 32, kDim == 64 ? 2 : 1)
         if (s0 + kMmaChunk > r) {
           const int live = r - s0 - 2 * quad;  // this lane's slots 8 n + (v & 1) below it are real
 #pragma unroll
-          for (int n = 0; n < kMmaChunk / 8; ++n) {
+          for (int rt = 0; rt < kRowTiles; ++rt) {
 #pragma unroll
-            for (int v = 0; v < 4; ++v) sc[n][v] = 8 * n + (v & 1) < live ? sc[n][v] : -INFINITY;
+            for (int n = 0; n < kMmaChunk / 8; ++n) {
+#pragma unroll
+              for (int v = 0; v < 4; ++v) sc[rt][n][v] = 8 * n + (v & 1) < live ? sc[rt][n][v] : -INFINITY;
+            }
           }
         }
-        float chunk_max[2] = {-INFINITY, -INFINITY};
+        float chunk_max[kRowTiles][2];
 #pragma unroll
-        for (int n = 0; n < kMmaChunk / 8; ++n) {
+        for (int rt = 0; rt < kRowTiles; ++rt) {
+          chunk_max[rt][0] = chunk_max[rt][1] = -INFINITY;
 #pragma unroll
-          for (int v = 0; v < 4; ++v) chunk_max[v / 2] = fmaxf(chunk_max[v / 2], sc[n][v]);
+          for (int n = 0; n < kMmaChunk / 8; ++n) {
+#pragma unroll
+            for (int v = 0; v < 4; ++v) chunk_max[rt][v / 2] = fmaxf(chunk_max[rt][v / 2], sc[rt][n][v]);
+          }
         }
         // The running maximum (scaled) moves on the first chunk and then only when some row of the
         // warp exceeds it by more than kRescaleSlack: any offset gives the same quotient, and
         // P = 2^(x - max) ≤ 2^kRescaleSlack stays far inside float16, so most chunks skip the
-        // rescaling of the accumulators.
-        float top[2];
+        // rescaling of the accumulators. A lane's own logits decide whether its row moves (the row's
+        // maximum exceeds the bound exactly when one of its lanes' does), so the shuffles that form
+        // the row's maximum run only on the first chunk and on a move.
+        // Each row tile decides on its own (one vote per 16 rows, as with one tile per warp).
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          chunk_max[h] = fmaxf(chunk_max[h], __shfl_xor_sync(0xffffffffu, chunk_max[h], 1));
-          chunk_max[h] = fmaxf(chunk_max[h], __shfl_xor_sync(0xffffffffu, chunk_max[h], 2));
-          top[h] = chunk_max[h] * scale_log2;
-        }
-        if (s0 == 0) {
-          row_max[0] = top[0];
-          row_max[1] = top[1];
-        } else if (__any_sync(0xffffffffu,
-                              top[0] > row_max[0] + kRescaleSlack || top[1] > row_max[1] + kRescaleSlack)) {
+        for (int rt = 0; rt < kRowTiles; ++rt) {
+          float top[2];
+          auto row_top = [&] {
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const float new_max = fmaxf(row_max[h], top[h]);
-            const float correction = exp2_flush(row_max[h] - new_max);
-            row_max[h] = new_max;
+            for (int h = 0; h < 2; ++h) {
+              float x = chunk_max[rt][h];
+              x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+              x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+              top[h] = x * scale_log2;
+            }
+          };
+          if (s0 == 0) {
+            row_top();
+            row_max[rt][0] = top[0];
+            row_max[rt][1] = top[1];
+          } else if (__any_sync(0xffffffffu, chunk_max[rt][0] * scale_log2 > row_max[rt][0] + kRescaleSlack ||
+                                                 chunk_max[rt][1] * scale_log2 > row_max[rt][1] + kRescaleSlack)) {
+            row_top();
 #pragma unroll
-            for (int n = 0; n <= kTiles; ++n) {
-              acc[n][2 * h] *= correction;
-              acc[n][2 * h + 1] *= correction;
+            for (int h = 0; h < 2; ++h) {
+              const float new_max = fmaxf(row_max[rt][h], top[h]);
+              const float correction = exp2_flush(row_max[rt][h] - new_max);
+              row_max[rt][h] = new_max;
+#pragma unroll
+              for (int n = 0; n <= kTiles; ++n) {
+                acc[rt][n][2 * h] *= correction;
+                acc[rt][n][2 * h + 1] *= correction;
+              }
             }
           }
         }
-        const float neg_max[2] = {-row_max[0], -row_max[1]};  // the exponent's offset
         // P in float16 as the A fragments of m16n8k16: the logits' accumulator tiles 2 kk and
         // 2 kk + 1 are exactly the fragment of the 16-key step kk (formed step by step, so that
         // the logits die as they are used)
+        float neg_max[kRowTiles][2];  // the exponent's offsets
+#pragma unroll
+        for (int rt = 0; rt < kRowTiles; ++rt) neg_max[rt][0] = -row_max[rt][0], neg_max[rt][1] = -row_max[rt][1];
 #pragma unroll
         for (int kk = 0; kk < kMmaChunk / 16; ++kk) {
-          uint32_t pa[4];
+          uint32_t pa[kRowTiles][4];
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const float* t = sc[2 * kk + half];
-            pa[2 * half] = half_pair(exp2_flush(fmaf(t[0], scale_log2, neg_max[0])),
-                                     exp2_flush(fmaf(t[1], scale_log2, neg_max[0])));
-            pa[2 * half + 1] = half_pair(exp2_flush(fmaf(t[2], scale_log2, neg_max[1])),
-                                         exp2_flush(fmaf(t[3], scale_log2, neg_max[1])));
+          for (int rt = 0; rt < kRowTiles; ++rt) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              const float* t = sc[rt][2 * kk + half];
+              pa[rt][2 * half] = half_pair(exp2_flush(fmaf(t[0], scale_log2, neg_max[rt][0])),
+                                           exp2_flush(fmaf(t[1], scale_log2, neg_max[rt][0])));
+              pa[rt][2 * half + 1] = half_pair(exp2_flush(fmaf(t[2], scale_log2, neg_max[rt][1])),
+                                               exp2_flush(fmaf(t[3], scale_log2, neg_max[rt][1])));
+            }
           }
           const unsigned vrow = values_address + ((s0 + 16 * kk) * kValueCols) * 2 + value_lane;
 #pragma unroll
           for (int t = 0; t < kTiles; t += 2) {
             uint32_t b[4];
             ldmatrix_x4_trans(b, vrow + 8 * t * 2);
-            mma_16x8x16<__half>(acc[t], pa, b[0], b[1]);
-            mma_16x8x16<__half>(acc[t + 1], pa, b[2], b[3]);
+#pragma unroll
+            for (int rt = 0; rt < kRowTiles; ++rt) {
+              mma_16x8x16<__half>(acc[rt][t], pa[rt], b[0], b[1]);
+              mma_16x8x16<__half>(acc[rt][t + 1], pa[rt], b[2], b[3]);
+            }
           }
           uint32_t b[2];  // the weights' tile (x2 reads the addresses of lanes 0..15)
           ldmatrix_x2_trans(b, vrow + 8 * kTiles * 2);
-          mma_16x8x16<__half>(acc[kTiles], pa, b[0], b[1]);
-        }
-      }
-      // Σ P w of rows group and group + 8 sits in column 0 of the weights' tile, at quad 0. The
-      // epilogue of finish(), with one reciprocal per row instead of a division per entry.
-      float inverse[2];
-      bool positive[2];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float den = __shfl_sync(0xffffffffu, acc[kTiles][2 * h], lane & ~3) * unscale_s[kDim];
-        positive[h] = den > static_cast<float>(kDenominatorFloor);
-        inverse[h] = 1.0f / den;
+          for (int rt = 0; rt < kRowTiles; ++rt) mma_16x8x16<__half>(acc[rt][kTiles], pa[rt], b[0], b[1]);
+        }
       }
       // The output block goes through this block's query buffer (its fragments are in registers):
       // 32-bit pairs in, then whole 16-byte pieces of each row out to global memory.
       __syncwarp();
-      uint32_t* out_s = reinterpret_cast<uint32_t*>(rows_s + buffer * 16 * kQueryStride);
+      uint32_t* out_s = reinterpret_cast<uint32_t*>(rows_s + buffer * kRows * kQueryStride);
+      // Σ P w of rows group and group + 8 of each row tile sits in column 0 of the weights' tile, at
+      // quad 0. The epilogue of finish(), with one reciprocal per row instead of a division per
+      // entry; each column's bounds and scale are read once for all row tiles.
+      float inverse[kRowTiles][2];
+      bool positive[kRowTiles][2];
+#pragma unroll
+      for (int rt = 0; rt < kRowTiles; ++rt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float den = __shfl_sync(0xffffffffu, acc[rt][kTiles][2 * h], lane & ~3) * unscale_s[kDim];
+          positive[rt][h] = den > static_cast<float>(kDenominatorFloor);
+          inverse[rt][h] = 1.0f / den;
+        }
+      }
 #pragma unroll
       for (int d = 0; d < kTiles; ++d) {
         const int c = 8 * d + 2 * quad;
@@ -642,27 +779,32 @@ __global__ void __launch_bounds__(kMmaWarps * 32, kDim == 64 ? 2 : 1)
         const float2 hi = *reinterpret_cast<const float2*>(vmax_s + c);
         const float2 u = *reinterpret_cast<const float2*>(unscale_s + c);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float y0 = positive[h] ? acc[d][2 * h] * u.x * inverse[h] : 0.0f;
-          float y1 = positive[h] ? acc[d][2 * h + 1] * u.y * inverse[h] : 0.0f;
-          if (p.center_values) {
-            y0 += (lo.x + hi.x) / 2;
-            y1 += (lo.y + hi.y) / 2;
+        for (int rt = 0; rt < kRowTiles; ++rt) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            float y0 = positive[rt][h] ? acc[rt][d][2 * h] * u.x * inverse[rt][h] : 0.0f;
+            float y1 = positive[rt][h] ? acc[rt][d][2 * h + 1] * u.y * inverse[rt][h] : 0.0f;
+            if (kCenter) {
+              y0 += (lo.x + hi.x) / 2;
+              y1 += (lo.y + hi.y) / 2;
+            }
+            y0 = min_keep_nan(max_keep_nan(y0, lo.x), hi.x);  // bounds absent: -inf and inf
+            y1 = min_keep_nan(max_keep_nan(y1, lo.y), hi.y);
+            out_s[((16 * rt + group + 8 * h) * kQueryStride + c) / 2] =
+                pack_pair(store_as<scalar_t>(y0), store_as<scalar_t>(y1));
           }
-          y0 = min_keep_nan(max_keep_nan(y0, lo.x), hi.x);  // bounds absent: -inf and inf
-          y1 = min_keep_nan(max_keep_nan(y1, lo.y), hi.y);
-          out_s[((group + 8 * h) * kQueryStride + c) / 2] = pack_pair(store_as<scalar_t>(y0), store_as<scalar_t>(y1));
         }
       }
       __syncwarp();
       const int64_t row0 = block_row0(tile);
+      const unsigned char* piece_s = reinterpret_cast<const unsigned char*>(rows_s) + buffer * kBufferBytes + buffer_lane;
+      scalar_t* dst = out_lane + row0 * kDim;
+      const bool whole = row0 + kRows <= p.m;  // as for the copies in: one base, constant offsets
 #pragma unroll
-      for (int i = 0; i < 16 / kRowStep; ++i) {
-        const int64_t row = row0 + kRowStep * i;
-        if (row + lane_row < p.m) {
-          *reinterpret_cast<uint4*>(out_lane + row * kDim) = *reinterpret_cast<const uint4*>(
-              reinterpret_cast<const unsigned char*>(rows_s) + buffer * kBufferBytes + buffer_lane +
-              kRowStep * i * kQueryStride * 2);
+      for (int i = 0; i < kRows / kRowStep; ++i) {
+        if (whole || row0 + kRowStep * i + lane_row < p.m) {
+          *reinterpret_cast<uint4*>(dst + kRowStep * i * kDim) =
+              *reinterpret_cast<const uint4*>(piece_s + kRowStep * i * kQueryStride * 2);
         }
       }
       __syncwarp();  // the buffer is free for the block after next (or, with one stage, the next)

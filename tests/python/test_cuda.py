@@ -242,13 +242,16 @@ def test_tensor_core_attention_keeps_every_value_column_relative(e):
     assert err <= 2 * err_plain, (float(err), float(err_plain))
 
 
+@pytest.mark.parametrize("center", [False, True])
 @pytest.mark.parametrize("e", [64, 128])
-def test_tensor_core_attention_over_many_query_tiles(e):
+def test_tensor_core_attention_over_many_query_tiles(e, center):
     """The tensor-core kernel's CTAs share 32 heads' query tiles (several tiles per CTA, the next
     one's rows copied while this one computes; shares that cross from one head into the next, and on
-    a 132-SM H100 at E = 128 into the next kv head's coreset, which is staged anew), a last tile of
-    one row, 32 heads over 8 kv heads and a padded last key chunk (r = 100): the 2x rule, and the
-    last row against the same row computed alone (by the decode kernel)."""
+    a 132-SM H100 into the next kv head's coreset, which is staged anew), a last tile that reaches
+    past M (257 rows of 384 at E = 64, where a warp's 32-row block holds the last row alone; one row
+    of 128 at E = 128), 32 heads over 8 kv heads and a padded last key chunk (r = 100), with and
+    without centred values (a kernel of its own each): the 2x rule, and the last row against the
+    same row computed alone (by the decode kernel)."""
     dtype = torch.bfloat16
     q = randn(1, 32, 4097, e, dtype=dtype)
     keys = randn(1, 8, 100, e, dtype=dtype)
@@ -256,14 +259,14 @@ def test_tensor_core_attention_over_many_query_tiles(e):
     weights = torch.rand(1, 8, 100) * 1.5 - 0.25
     vmin, vmax = values.amin(-2) - 1, values.amax(-2) + 1
     args = to("cuda", keys, values, weights)
-    out = wildcat.ops.coreset_attention(q.cuda(), *args, None, vmin.cuda(), vmax.cuda()).cpu()
+    out = wildcat.ops.coreset_attention(q.cuda(), *args, None, vmin.cuda(), vmax.cuda(), center).cpu()
     exact64 = ref.coreset_attention(q.double(), keys.double(), values.double(), weights.double(), None,
-                                    vmin.double(), vmax.double())
-    plain = ref.coreset_attention(q, keys, values, weights, None, vmin, vmax)
+                                    vmin.double(), vmax.double(), center)
+    plain = ref.coreset_attention(q, keys, values, weights, None, vmin, vmax, center)
     err = (out.double() - exact64).abs().max()
     err_plain = (plain.double() - exact64).abs().max()
     assert err <= 2 * err_plain, (float(err), float(err_plain))
-    alone = wildcat.ops.coreset_attention(q[:, :, -1:].cuda(), *args, None, vmin.cuda(), vmax.cuda()).cpu()
+    alone = wildcat.ops.coreset_attention(q[:, :, -1:].cuda(), *args, None, vmin.cuda(), vmax.cuda(), center).cpu()
     # two kernels' bfloat16 roundings of outputs up to ~5 in magnitude: one ulp there is 2^-5
     torch.testing.assert_close(out[:, :, -1:], alone, atol=2e-2, rtol=2e-2)
 

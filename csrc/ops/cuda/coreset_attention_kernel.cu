@@ -246,21 +246,26 @@ void attend_typed(const at::Tensor& q, const at::Tensor& k_view, const at::Tenso
       auto p = attention_params<scalar_t, float>(q, keys, v, w, lo, hi, center_values, beta, q_heads, kv_heads, out);
       p.batch_heads = bh;
       p.query_stages = stages;
-      auto kernel = dim64 ? kernels::coreset_attention_mma<cuda_t, 64> : kernels::coreset_attention_mma<cuda_t, 128>;
+      auto kernel = dim64 ? (center_values ? kernels::coreset_attention_mma<cuda_t, 64, true>
+                                           : kernels::coreset_attention_mma<cuda_t, 64, false>)
+                          : (center_values ? kernels::coreset_attention_mma<cuda_t, 128, true>
+                                           : kernels::coreset_attention_mma<cuda_t, 128, false>);
       allow_shared_memory(kernel, smem);
-      // One wave: as many CTAs as fit on the GPU at once (1 per SM at D = 128, 2 at D = 64), each
-      // with an equal share of the (head, query tile) items. Whole heads per group of CTAs left a
+      const int threads = 32 * (dim64 ? kernels::mma_warps<64>() : kernels::mma_warps<128>());
+      // One wave: as many CTAs as fit on the GPU at once (1 per SM), each with a balanced share of
+      // the (head, query tile) items (the kernel says how). Whole heads per group of CTAs left a
       // partial last wave: 288 CTAs for 264 places at 32 heads and D = 64, 2.2 waves at D = 128
       // (benchmarks/NOTES.md).
       const int per_sm = memoized<int>(reinterpret_cast<const void*>(kernel), static_cast<int64_t>(smem), [&] {
         int fit = 0;
-        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, kernels::kMmaWarps * 32, smem));
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, threads, smem));
         return fit;
       });
-      const int64_t tiles = (m + kernels::kMmaTileRows - 1) / kernels::kMmaTileRows;
+      const int64_t tile_rows = dim64 ? kernels::mma_tile_rows<64>() : kernels::mma_tile_rows<128>();
+      const int64_t tiles = (m + tile_rows - 1) / tile_rows;
       const int64_t ctas = std::min<int64_t>({bh * tiles, std::max(per_sm, 1) * int64_t{device->multiProcessorCount},
                                               kMaxGridX});
-      kernel<<<static_cast<unsigned>(ctas), kernels::kMmaWarps * 32, smem, at::cuda::getCurrentCUDAStream()>>>(p);
+      kernel<<<static_cast<unsigned>(ctas), threads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
