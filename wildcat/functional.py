@@ -24,9 +24,9 @@ __all__ = [
 _SEED_HIGH = 2**63 - 1
 
 # Below this many keys, scaled_dot_product_attention runs exact attention. On the H100 (bf16, 32
-# heads, r = 128) WildCat measured 1.72x cuDNN at N = 4,096 with num_bins = 16 and 1.52x with
-# num_bins = 64, and 9.8x and 13.0x at N = 16,384 (benchmarks/results/h100_suite.md,
-# benchmarks/NOTES.md); num_bins = 1, the default, measured 0.19x at 4,096, 1.13x at 16,384 and
+# heads, r = 128) WildCat measured 1.49x cuDNN at N = 4,096 with num_bins = 16 and 1.53x with
+# num_bins = 64, and 9.1x and 12.0x at N = 16,384 (benchmarks/results/h100_suite.md,
+# benchmarks/NOTES.md); num_bins = 1, the default, measured 0.19x at 4,096, 1.17x at 16,384 and
 # 5.8x at 65,536 (benchmarks/results/h100_bins1.md). The threshold follows the binned settings,
 # which are faster from 4,096 keys on; num_bins = 1 passes cuDNN only at about 16,384 keys, which
 # callers of that setting can reflect in min_seq_len.
