@@ -44,6 +44,7 @@ struct AttentionParams {
   int64_t q_heads, kv_heads, m, r, e, dv;
   int64_t batch_heads;     // mma kernel: B * Hq, the heads whose query tiles the CTAs share
   int query_stages;        // mma kernel: per-warp query buffers (2: the next block loads during this one)
+  int staging_units;       // mma kernel: tiles a head's coreset staging counts for in the shares (mma_shares)
   scalar_t* out;           // (B, Hq, M, D)
 };
 
@@ -209,8 +210,9 @@ constexpr float kRescaleSlack = 8.0f;  // log2 units the running maximum may lag
 constexpr int kMmaQueryPad = 8;  // 16-bit elements of padding per query row: ldmatrix without bank conflicts
 constexpr int kMmaKeyPad = 32;   // per key row: each row's 16-byte loads start 64 bytes (mod 128) after the last's
 
-// Keys per online-softmax step: 32 at D = 64, where the logits of 64 keys spill at the 128-register
-// cap of two CTAs per SM (measured 3% slower); 64 at D = 128 (3% faster than 32).
+// Keys per online-softmax step: 32 at D = 64, where 64 keys measured 3% slower when two CTAs of 128
+// registers shared an SM (not measured again with two row tiles at 168 registers, where 64 keys
+// would hold 64 logits per thread); 64 at D = 128 (3% faster than 32).
 template <int kDim>
 constexpr int mma_chunk() {
   return kDim == 64 ? 32 : 64;
@@ -246,8 +248,8 @@ __host__ __device__ inline int64_t mma_padded_rank(int64_t r) {
 
 // The coreset (keys, in the fragment order below; float16 values with the weights as column D and
 // zeros up to D + 8, whose 16-byte row stride is odd, so ldmatrix is free of bank conflicts;
-// per-column scale factors and their inverses; bounds), then `stages` buffers per warp of its 16
-// query rows, which also stage the warp's output block.
+// per-column scale factors and their inverses; bounds), then `stages` buffers per warp of its
+// 16 mma_row_tiles query rows, which also stage the warp's output block.
 template <int kDim>
 __host__ __device__ inline size_t mma_smem_bytes(int64_t r, int stages) {
   const int64_t rp = mma_padded_rank<kDim>(r);
@@ -482,6 +484,23 @@ __device__ __noinline__ void stage_coreset(const scalar_t* keys, const float* va
   __syncthreads();
 }
 
+// The CTAs' shares of the (head, query tile) items, heads major and contiguous, so that one wave of
+// CTAs covers the launch whatever the head count: CTA b takes the items of the b-th of `ctas` equal
+// parts of a line on which each head counts its tiles plus `staging_units` for the staging of its
+// coreset. Each run of one head's tiles (a segment) stages that head's coreset, which costs about
+// a tile, so with one staging unit a CTA whose share crosses into the next head gets about one tile
+// less; with none the shares are equal item counts. item_at(u) is the first item at or after unit
+// u of the line; share b is [item_at(b U / ctas), item_at((b + 1) U / ctas)), possibly empty.
+struct MmaShares {
+  int64_t heads, tiles, ctas, staging_units;
+  __host__ __device__ int64_t item_at(int64_t unit) const {
+    const int64_t head_units = tiles + staging_units, offset = unit % head_units;
+    return unit / head_units * tiles + (offset > staging_units ? offset - staging_units : 0);
+  }
+  __host__ __device__ int64_t first(int64_t cta) const { return item_at(cta * heads * (tiles + staging_units) / ctas); }
+  __host__ __device__ int64_t last(int64_t cta) const { return first(cta + 1); }
+};
+
 // grid (CTAs, one per SM), block 32 mma_warps (384 at D = 64, 256 at D = 128). The CTA stages the kv
 // head's coreset in shared memory, then walks its query tiles of that head (and of the following
 // heads, where its share of tiles reaches into them). Fragment layouts are those of the PTX ISA for
@@ -520,25 +539,9 @@ __global__ void __launch_bounds__(mma_warps<kDim>() * 32, 1)
   const unsigned rows_address = static_cast<unsigned>(__cvta_generic_to_shared(rows_s));
   constexpr unsigned kBufferBytes = kRows * kQueryStride * 2;
 
-  // The CTA's share of the (head, query tile) items, heads major and contiguous, so that one wave
-  // of CTAs covers the launch whatever the head count. Each run of one head's tiles (a segment)
-  // stages that head's coreset, which costs about as much as a tile: the shares are equal parts of
-  // a line on which every head counts its tiles plus one for its staging, so that a CTA whose
-  // share crosses into the next head gets about one tile less (equal item counts left those CTAs
-  // a staging behind the rest, 2% of the kernel at M = 65,536; benchmarks/NOTES.md). With no more
-  // items than CTAs, each CTA takes one.
   const int64_t tiles = (p.m + kTileRows - 1) / kTileRows;
-  const int64_t items = p.batch_heads * tiles;
-  int64_t item_first = blockIdx.x, item_last = blockIdx.x + 1;
-  if (items > gridDim.x) {
-    const int64_t head_units = tiles + 1, units = p.batch_heads * head_units;
-    auto item_at = [&](int64_t unit) {  // the first item at or after `unit` on the line
-      const int64_t offset = unit % head_units;
-      return unit / head_units * tiles + (offset > 0 ? offset - 1 : 0);
-    };
-    item_first = item_at(blockIdx.x * units / gridDim.x);
-    item_last = item_at((blockIdx.x + 1) * units / gridDim.x);
-  }
+  const MmaShares shares{p.batch_heads, tiles, gridDim.x, p.staging_units};
+  const int64_t item_first = shares.first(blockIdx.x), item_last = shares.last(blockIdx.x);
   for (int64_t item = item_first; item < item_last;) {
     const int64_t bh = item / tiles;
     const int64_t tile_first = item % tiles;
@@ -679,7 +682,7 @@ __global__ void __launch_bounds__(mma_warps<kDim>() * 32, 1)
           }
         }
         // The running maximum (scaled) moves on the first chunk and then only when some row of the
-        // warp exceeds it by more than kRescaleSlack: any offset gives the same quotient, and
+        // row tile exceeds it by more than kRescaleSlack: any offset gives the same quotient, and
         // P = 2^(x - max) ≤ 2^kRescaleSlack stays far inside float16, so most chunks skip the
         // rescaling of the accumulators. A lane's own logits decide whether its row moves (the row's
         // maximum exceeds the bound exactly when one of its lanes' does), so the shuffles that form

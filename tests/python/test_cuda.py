@@ -243,17 +243,19 @@ def test_tensor_core_attention_keeps_every_value_column_relative(e):
 
 
 @pytest.mark.parametrize("center", [False, True])
+@pytest.mark.parametrize("m", [4097, 6273])
 @pytest.mark.parametrize("e", [64, 128])
-def test_tensor_core_attention_over_many_query_tiles(e, center):
-    """The tensor-core kernel's CTAs share 32 heads' query tiles (several tiles per CTA, the next
-    one's rows copied while this one computes; shares that cross from one head into the next, and on
-    a 132-SM H100 into the next kv head's coreset, which is staged anew), a last tile that reaches
-    past M (257 rows of 384 at E = 64, where a warp's 32-row block holds the last row alone; one row
-    of 128 at E = 128), 32 heads over 8 kv heads and a padded last key chunk (r = 100), with and
-    without centred values (a kernel of its own each): the 2x rule, and the last row against the
-    same row computed alone (by the decode kernel)."""
+def test_tensor_core_attention_over_many_query_tiles(e, m, center):
+    """The tensor-core kernel's CTAs share 32 heads' query tiles: several tiles per CTA, the next
+    one's rows copied while this one computes, shares that cross from one head into the next. On a
+    132-SM H100 the host picks equal item counts for M = 4,097 at E = 128 and shares weighted by
+    the coreset staging elsewhere (kernels::MmaShares), and shares cross into the next kv head's
+    coreset (staged anew) in every case but M = 4,097 at E = 64. The last tile reaches past M with
+    a warp block holding one row (16-row blocks at E = 128, 32-row at E = 64); 32 heads over 8 kv
+    heads; a padded last key chunk (r = 100); with and without centred values (a kernel each): the
+    2x rule, and the last row against the same row computed alone (by the decode kernel)."""
     dtype = torch.bfloat16
-    q = randn(1, 32, 4097, e, dtype=dtype)
+    q = randn(1, 32, m, e, dtype=dtype)
     keys = randn(1, 8, 100, e, dtype=dtype)
     values = randn(1, 8, 100, e)
     weights = torch.rand(1, 8, 100) * 1.5 - 0.25

@@ -7,6 +7,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 
 #include "../../kernels/coreset_attention.cuh"
@@ -202,6 +205,34 @@ bool decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& values, 
   return launch(std::integral_constant<int, 16>{});
 }
 
+// The staging units of the tensor-core kernel's shares (kernels::MmaShares, 0 or 1) whose busiest
+// CTA has the least work, counted as its tiles plus one staging per head its share touches. One
+// unit evens out the CTAs whose shares cross into the next head (2% of the kernel at 32 heads and
+// M = 65,536); none keeps equal item counts where those fall on head boundaries already (4 heads of
+// 66 tiles on 132 CTAs: 2 tiles each, where one unit gives some CTAs 3). Either is correct; the
+// answer is kept per shape, since the search costs a few microseconds of host time.
+int staging_units_for(int64_t heads, int64_t tiles, int64_t ctas) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int64_t, int64_t, int64_t>, int> memo;
+  const auto key = std::make_tuple(heads, tiles, ctas);
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = memo.find(key);
+  if (found != memo.end()) return found->second;
+  auto busiest = [&](int64_t units) {
+    const kernels::MmaShares shares{heads, tiles, ctas, units};
+    int64_t worst = 0, first = shares.first(0);
+    for (int64_t b = 0; b < ctas; ++b) {
+      const int64_t last = shares.last(b);
+      if (first < last) worst = std::max(worst, last - first + (last - 1) / tiles - first / tiles + 1);
+      first = last;
+    }
+    return worst;
+  };
+  const int units = busiest(1) < busiest(0) ? 1 : 0;
+  memo.emplace(key, units);
+  return units;
+}
+
 template <typename scalar_t>
 void attend_typed(const at::Tensor& q, const at::Tensor& k_view, const at::Tensor& values, const at::Tensor& weights,
                   const std::optional<at::Tensor>& value_min, const std::optional<at::Tensor>& value_max,
@@ -253,9 +284,9 @@ void attend_typed(const at::Tensor& q, const at::Tensor& k_view, const at::Tenso
       allow_shared_memory(kernel, smem);
       const int threads = 32 * (dim64 ? kernels::mma_warps<64>() : kernels::mma_warps<128>());
       // One wave: as many CTAs as fit on the GPU at once (1 per SM), each with a balanced share of
-      // the (head, query tile) items (the kernel says how). Whole heads per group of CTAs left a
-      // partial last wave: 288 CTAs for 264 places at 32 heads and D = 64, 2.2 waves at D = 128
-      // (benchmarks/NOTES.md).
+      // the (head, query tile) items (kernels::MmaShares). Whole heads per group of CTAs had left a
+      // partial last wave when two CTAs fit per SM at D = 64: 288 CTAs for 264 places at 32 heads,
+      // and 2.2 waves at D = 128 (benchmarks/NOTES.md, session 8).
       const int per_sm = memoized<int>(reinterpret_cast<const void*>(kernel), static_cast<int64_t>(smem), [&] {
         int fit = 0;
         C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, threads, smem));
@@ -265,6 +296,7 @@ void attend_typed(const at::Tensor& q, const at::Tensor& k_view, const at::Tenso
       const int64_t tiles = (m + tile_rows - 1) / tile_rows;
       const int64_t ctas = std::min<int64_t>({bh * tiles, std::max(per_sm, 1) * int64_t{device->multiProcessorCount},
                                               kMaxGridX});
+      p.staging_units = staging_units_for(bh, tiles, ctas);
       kernel<<<static_cast<unsigned>(ctas), threads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
