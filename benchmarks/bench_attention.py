@@ -211,7 +211,7 @@ def run_bench(args, device, dtype, meta):
                 if bytes_moved is not None:
                     # a bandwidth is bytes over the GPU's time: calls queued back to back, so that
                     # the op's host dispatch overlaps earlier calls (benchmarks/timing.py)
-                    gpu_ms = statistics.median(queued_call_times_ms(fn, n)) if device.type == "cuda" else ms
+                    gpu_ms = statistics.median(queued_call_times_ms(fn, max(n, 10))) if device.type == "cuda" else ms
                     row["attn_gpu_ms"] = gpu_ms
                     row["attn_gbs"] = bytes_moved(out) / (gpu_ms * 1e-3) / 1e9
                     if device.type == "cuda":

@@ -1,11 +1,12 @@
-"""Per-call timing shared by the benchmark scripts: CUDA events around each call on the GPU (host
-work that overlaps queued GPU work is not counted), perf_counter on the CPU.
+"""Per-call timing shared by the benchmark scripts: CUDA events around each call on the GPU,
+perf_counter on the CPU.
 
 call_times_ms waits for each call before the next, so the GPU is idle when a call starts and the
 host's dispatch of the call (about 20 µs for one wildcat op) is inside its interval: the time a
 user sees for one call. queued_call_times_ms enqueues the calls back to back, as
-triton.testing.do_bench does, so each call's dispatch overlaps the calls before it and its
-interval is the GPU's time for it: what a bandwidth is computed from."""
+triton.testing.do_bench does (without its cache flush), so each call's dispatch overlaps the GPU
+work of the calls before it: where a call's GPU time exceeds its dispatch, the interval is the
+GPU's time for it, what a bandwidth is computed from."""
 
 from __future__ import annotations
 
@@ -34,8 +35,12 @@ def call_times_ms(fn, calls: int, cuda: bool) -> list[float]:
 
 def queued_call_times_ms(fn, calls: int) -> list[float]:
     """GPU milliseconds of each of `calls` calls of fn queued back to back (CUDA only; the caller
-    warms up first): one event pair per call, one wait at the end."""
+    warms up first): one event pair per call, one wait at the end. One more call goes first,
+    untimed, since it starts on an idle GPU with its dispatch inside its interval."""
+    if calls < 1:
+        raise ValueError(f"queued_call_times_ms: calls must be >= 1, got {calls}")
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
+    fn()
     for start, end in events:
         start.record()
         fn()
