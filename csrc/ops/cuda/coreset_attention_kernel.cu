@@ -210,7 +210,7 @@ bool decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& values, 
 // unit evens out the CTAs whose shares cross into the next head (2% of the kernel at 32 heads and
 // M = 65,536); none keeps equal item counts where those fall on head boundaries already (4 heads of
 // 66 tiles on 132 CTAs: 2 tiles each, where one unit gives some CTAs 3). Either is correct; the
-// answer is kept per shape, since the search costs a few microseconds of host time.
+// search walks every CTA's share twice, so its answer is kept per shape.
 int staging_units_for(int64_t heads, int64_t tiles, int64_t ctas) {
   static std::mutex mutex;
   static std::map<std::tuple<int64_t, int64_t, int64_t>, int> memo;
