@@ -366,6 +366,24 @@ __device__ __forceinline__ float min_keep_nan(float a, float b) {
   return y;
 }
 
+// The coreset's place at the start of the tensor-core kernel's shared memory (mma_smem_bytes): keys
+// in fragment order, float16 V̂ with the weights' column and the zero columns, the columns' scales
+// and inverse scales, the bounds; the query buffers follow at end().
+template <typename scalar_t, int kDim>
+struct MmaCoresetSmem {
+  scalar_t* keys;
+  __half* values;
+  float *scale, *unscale, *vmin, *vmax;
+  __device__ MmaCoresetSmem(unsigned char* base, int rp)
+      : keys(reinterpret_cast<scalar_t*>(base)),
+        values(reinterpret_cast<__half*>(keys + rp * (kDim + kMmaKeyPad))),
+        scale(reinterpret_cast<float*>(values + rp * (kDim + 8))),
+        unscale(scale + kDim + 8),
+        vmin(unscale + kDim + 8),
+        vmax(vmin + kDim) {}
+  __device__ unsigned char* end() const { return reinterpret_cast<unsigned char*>(vmax + kDim); }
+};
+
 // Stages one kv head's coreset in the shared-memory layout of coreset_attention_mma (keys in
 // fragment order, float16 V̂ with the weights' column, the columns' scales, the bounds) and ends
 // with a barrier. Kept out of line: with the staging's registers in the kernel's one allocation,
@@ -378,12 +396,10 @@ __device__ __noinline__ void stage_coreset(const scalar_t* keys, const float* va
   constexpr int kValueCols = kDim + 8;
   constexpr int kPieces = kDim * 2 / 16;
   constexpr int kBatch = 8;
-  scalar_t* keys_s = reinterpret_cast<scalar_t*>(smem_raw);
-  __half* values_s = reinterpret_cast<__half*>(keys_s + rp * kKeyStride);
-  float* scale_s = reinterpret_cast<float*>(values_s + rp * kValueCols);
-  float* unscale_s = scale_s + kValueCols;
-  float* vmin_s = unscale_s + kValueCols;
-  float* vmax_s = vmin_s + kDim;
+  const MmaCoresetSmem<scalar_t, kDim> core(smem_raw, rp);
+  scalar_t* keys_s = core.keys;
+  __half* values_s = core.values;
+  float *scale_s = core.scale, *unscale_s = core.unscale, *vmin_s = core.vmin, *vmax_s = core.vmax;
   // Stage the coreset (padding slots: zero key, value and weight; masked from the softmax): a
   // fixed cost per segment. Each thread owns one value column. First the largest magnitude of each
   // value column and of the weights (non-negative floats order as their bit patterns; a NaN wins,
@@ -525,17 +541,16 @@ __global__ void __launch_bounds__(mma_warps<kDim>() * 32, 1)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int rp = static_cast<int>(mma_padded_rank<kDim>(p.r));
   const int r = static_cast<int>(p.r);
-  scalar_t* keys_s = reinterpret_cast<scalar_t*>(smem_raw);
-  __half* values_s = reinterpret_cast<__half*>(keys_s + rp * kKeyStride);
-  float* scale_s = reinterpret_cast<float*>(values_s + rp * kValueCols);  // 2^k of each column
-  float* unscale_s = scale_s + kValueCols;                                 // 2^-k
-  float* vmin_s = unscale_s + kValueCols;
-  float* vmax_s = vmin_s + kDim;
+  const MmaCoresetSmem<scalar_t, kDim> core(smem_raw, rp);
+  const scalar_t* keys_s = core.keys;
+  const __half* values_s = core.values;
+  const float* unscale_s = core.unscale;  // 2^-k of each column
+  const float *vmin_s = core.vmin, *vmax_s = core.vmax;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = lane / 4, quad = lane % 4;
   // this warp's query buffers: kRows rows of kQueryStride elements (the padding keeps ldmatrix and
   // the output block's 32-bit writes free of bank conflicts)
-  scalar_t* rows_s = reinterpret_cast<scalar_t*>(vmax_s + kDim) + warp * p.query_stages * kRows * kQueryStride;
+  scalar_t* rows_s = reinterpret_cast<scalar_t*>(core.end()) + warp * p.query_stages * kRows * kQueryStride;
   const unsigned rows_address = static_cast<unsigned>(__cvta_generic_to_shared(rows_s));
   constexpr unsigned kBufferBytes = kRows * kQueryStride * 2;
 

@@ -7,8 +7,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <map>
-#include <mutex>
 #include <tuple>
 #include <type_traits>
 
@@ -210,14 +208,8 @@ bool decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& values, 
 // unit evens out the CTAs whose shares cross into the next head (2% of the kernel at 32 heads and
 // M = 65,536); none keeps equal item counts where those fall on head boundaries already (4 heads of
 // 66 tiles on 132 CTAs: 2 tiles each, where one unit gives some CTAs 3). Either is correct; the
-// search walks every CTA's share twice, so its answer is kept per shape.
+// search walks every CTA's share twice, so the caller keeps its answer per shape (memoized).
 int staging_units_for(int64_t heads, int64_t tiles, int64_t ctas) {
-  static std::mutex mutex;
-  static std::map<std::tuple<int64_t, int64_t, int64_t>, int> memo;
-  const auto key = std::make_tuple(heads, tiles, ctas);
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto found = memo.find(key);
-  if (found != memo.end()) return found->second;
   auto busiest = [&](int64_t units) {
     const kernels::MmaShares shares{heads, tiles, ctas, units};
     int64_t worst = 0, first = shares.first(0);
@@ -228,9 +220,7 @@ int staging_units_for(int64_t heads, int64_t tiles, int64_t ctas) {
     }
     return worst;
   };
-  const int units = busiest(1) < busiest(0) ? 1 : 0;
-  memo.emplace(key, units);
-  return units;
+  return busiest(1) < busiest(0) ? 1 : 0;
 }
 
 template <typename scalar_t>
@@ -296,7 +286,8 @@ void attend_typed(const at::Tensor& q, const at::Tensor& k_view, const at::Tenso
       const int64_t tiles = (m + tile_rows - 1) / tile_rows;
       const int64_t ctas = std::min<int64_t>({bh * tiles, std::max(per_sm, 1) * int64_t{device->multiProcessorCount},
                                               kMaxGridX});
-      p.staging_units = staging_units_for(bh, tiles, ctas);
+      p.staging_units = memoized<int>(reinterpret_cast<const void*>(kernel), std::make_tuple(bh, tiles, ctas),
+                                      [&] { return staging_units_for(bh, tiles, ctas); });
       kernel<<<static_cast<unsigned>(ctas), threads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;

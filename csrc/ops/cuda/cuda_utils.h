@@ -55,13 +55,14 @@ inline kernels::SeedRef seed_ref(const std::optional<at::Tensor>& seed) {
   return {nullptr, static_cast<uint64_t>(seed->item<int64_t>())};
 }
 
-// Runtime queries about a kernel cost microseconds of host time each, and short calls are bound
-// by the host (benchmarks/NOTES.md, N = 4,096): their answers are kept per device, kernel and
-// `size` (0 where none applies). One table per call site, behind a lock.
-template <typename Value, typename Compute>
-Value memoized(const void* kernel, int64_t size, Compute&& compute) {
+// Runtime queries about a kernel, and host searches over a launch's shape, cost microseconds of
+// host time each, and short calls are bound by the host (benchmarks/NOTES.md, N = 4,096): their
+// answers are kept per device, kernel and `size` (a size or a tuple of them; 0 where none
+// applies). One table per call site, behind a lock.
+template <typename Value, typename Size, typename Compute>
+Value memoized(const void* kernel, const Size& size, Compute&& compute) {
   static std::mutex mutex;
-  static std::map<std::tuple<int, const void*, int64_t>, Value> memo;
+  static std::map<std::tuple<int, const void*, Size>, Value> memo;
   const auto key = std::make_tuple(static_cast<int>(c10::cuda::current_device()), kernel, size);
   const std::lock_guard<std::mutex> lock(mutex);
   const auto found = memo.find(key);
