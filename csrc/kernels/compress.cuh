@@ -758,10 +758,10 @@ __host__ __device__ inline int64_t finalize_tile_cols(int64_t bins_total, int64_
   return bins_total >= 2 * sms ? cols : (cols < 8 ? cols : 8);
 }
 
-// Four CTAs of 256 threads per SM (64 registers, a few bytes spilled): at 80 registers three fit, and
+// 1,024 threads per SM, four CTAs of 256 (64 registers, a few bytes spilled): at 80 registers three fit, and
 // 2,048 bins (32 groups of 64) took more than five waves (benchmarks/NOTES.md, session 14).
 template <typename scalar_t, typename T, int kThreads>
-__global__ void __launch_bounds__(kThreads, 4) finalize_kernel(FinalizeParams<scalar_t, T> p) {
+__global__ void __launch_bounds__(kThreads, 1024 / kThreads) finalize_kernel(FinalizeParams<scalar_t, T> p) {
   const int64_t gb = blockIdx.x;
   const int64_t g = gb / p.num_bins, b = gb % p.num_bins;
   const int64_t valid = group_length(p.lengths, g, p.n);
