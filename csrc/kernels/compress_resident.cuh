@@ -220,16 +220,18 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   int* pivot_s = reinterpret_cast<int*>(stats + 4);
   double* max_scratch = stats + 8;
 
-  // The value bounds of this slice (§2.1) for the statistics' finalize, which reduces them per group:
-  // piece_at(l, k) reads 16-byte piece k of value row l where the values are (shared memory once
-  // staged for the weighted sums, global memory otherwise). Each thread folds one piece column over
-  // every (threads / pieces)-th row; then the lanes of a warp, then the warps, meet. Float holds
-  // 16-bit values exactly; the comparisons are the statistics kernel's, so NaN never enters and the
-  // order of the points does not matter.
-  const auto write_value_bounds = [&](auto&& piece_at) {
+  const scalar_t* values = p.values + (g * p.n + start + first) * kE;
+  const uint4* value_pieces = reinterpret_cast<const uint4*>(values);
+  // The value bounds of this slice (§2.1) for the statistics' finalize, which reduces them per group,
+  // where no weighted sums stage the values (they fold the bounds as they load them, below): read
+  // from global memory. Each thread folds one piece column over every (threads / pieces)-th row;
+  // then the lanes of a warp, then the warps, meet. Float holds 16-bit values exactly; the
+  // comparisons are the statistics kernel's, so NaN never enters and the order of the points does
+  // not matter.
+  const auto write_value_bounds = [&] {
     static_assert(sizeof(double) * kResidentSlotBlock * (kE + 1) >= sizeof(float) * 2 * (kResidentMaxThreads / 32) * kE,
                   "the warps' bounds fit the weighted sums' staging");
-    float* lo_s = reinterpret_cast<float*>(sums_s);  // free until the weighted sums' first block
+    float* lo_s = reinterpret_cast<float*>(sums_s);  // free: no weighted sums on this path
     float* hi_s = lo_s + (kResidentMaxThreads / 32) * kE;
     const int k = tid % kPieces, row_groups = static_cast<int>(blockDim.x) / kPieces;
     float lo[8], hi[8];
@@ -237,7 +239,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     for (int j = 0; j < 8; ++j) lo[j] = INFINITY, hi[j] = -INFINITY;
     for (int l = tid / kPieces; l < own; l += row_groups) {
       float v[8];
-      unpack8(piece_at(l, k), v, scalar_t{});
+      unpack8(value_pieces[l * kPieces + k], v, scalar_t{});
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         lo[j] = v[j] < lo[j] ? v[j] : lo[j];
@@ -267,12 +269,9 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
       p.value_max[(gb * ranks + rank) * kE + c] = high;
     }
   };
-  const scalar_t* values = p.values + (g * p.n + start + first) * kE;
-  const uint4* value_pieces = reinterpret_cast<const uint4*>(values);
-  const auto global_piece = [&](int l, int k) { return value_pieces[l * kPieces + k]; };
   if (length <= slots) {  // kept exactly (§2.4): the decision is the whole cluster's
     if (rank == 0 && threadIdx.x == 0) p.counts[gb] = -1;
-    write_value_bounds(global_piece);
+    write_value_bounds();
     return;
   }
 
@@ -508,9 +507,16 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   // and the weights' sums, add in another fixed order.
   if (count > 0 && own > 0) {
     __syncthreads();  // the key slice is no longer read: the value slice takes its place
-    for (int idx = tid; idx < own * kPieces; idx += blockDim.x) {  // row l's piece k lands in piece k ^ (l % 4)
+    // Tile nt's column n is value column n · kTiles + nt, so that a lane's B elements of a step
+    // (its slot's columns) are whole 16-byte pieces of one row, read by one load each; row l's
+    // piece k lands in piece k ^ value_swizzle(l), which puts the pieces that the 8 lanes of a
+    // quarter warp read (2 slots of 4 rows) in distinct banks.
+    constexpr int kBlock = kResidentSlotBlock, kTiles = kE / 8, kLanePieces = kPieces / 8;
+    static_assert(kBlock == 8, "m8n8k4 steps: 8 slots by 4 points");
+    const auto value_swizzle = [](int l) { return (kPieces / 4) * (l & 3); };
+    for (int idx = tid; idx < own * kPieces; idx += blockDim.x) {
       const int l = idx / kPieces, k = idx % kPieces;
-      resident_copy_16(keys_s + l * kPieces + (k ^ (l & 3)), values + static_cast<int64_t>(idx) * 8);
+      resident_copy_16(keys_s + l * kPieces + (k ^ value_swizzle(l)), values + static_cast<int64_t>(idx) * 8);
     }
 #pragma unroll
     for (int q = 0; q < kPts; ++q) {
@@ -518,32 +524,73 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     }
     resident_copy_wait();
     __syncthreads();
-    constexpr int kBlock = kResidentSlotBlock, kTiles = kE / 8;
-    static_assert(kBlock == 8, "m8n8k4 steps: 8 slots by 4 points");
-    const scalar_t* values_s = reinterpret_cast<const scalar_t*>(keys_s);
-    write_value_bounds([&](int l, int k) { return keys_s[l * kPieces + (k ^ (l & 3))]; });  // piece k ^ (l % 4)
     const int slot = lane / 4, step_point = lane % 4;
     double* out = p.partial + ((gb * ranks + rank) * p.slots_max) * (kE + 1);
-    for (int jb = 0; jb < count; jb += kBlock) {
-      double acc[kTiles][2] = {};  // this warp's sums D(slot, 8 nt + 2 (lane % 4) + h)
+    // One block of slots; the first also folds the slice's value bounds (§2.1) for the statistics'
+    // finalize, which reduces them per group, from the values its loads bring: lane columns
+    // slot · kTiles + t, then the lanes of a slot, then the warps. Float holds 16-bit values
+    // exactly; the comparisons are the statistics kernel's, so NaN never enters and the order of
+    // the points does not matter.
+    const auto slot_block = [&](int jb, auto with_bounds) {
+      double acc[kTiles][2] = {};  // this warp's sums D(slot, n) of tile nt, n = 2 (lane % 4) + h
       double weight = 0;  // Σ w_j(l) of slot jb + slot over this lane's points
+      float lo[kTiles], hi[kTiles];
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) lo[t] = INFINITY, hi[t] = -INFINITY;
       const bool live = jb + slot < count;
       const float* slot_rows = rows_s + (jb + slot) * slice;
       // Steps of four points, dealt to the warps in turn: A(slot, point) are the products, B(point,
-      // column) the values, whose swizzled pieces put the step's four rows in distinct banks.
+      // n) the values.
       for (int l4 = 4 * warp; l4 < own; l4 += 4 * warps) {
         const int row = l4 + step_point;
         const bool in = row < own;
         const double a = live && in ? static_cast<double>(slot_rows[row]) * scale_s[row] : 0.0;
         weight += a;
-        const scalar_t* value_row = values_s + row * kE;
+        float v[kTiles];
 #pragma unroll
-        for (int nt = 0; nt < kTiles; ++nt) {
-          const double b = in ? static_cast<double>(to_acc(value_row[(nt ^ (row & 3)) * 8 + slot])) : 0.0;
-          dmma_m8n8k4(acc[nt][0], acc[nt][1], a, b);
+        for (int h = 0; h < kLanePieces; ++h) {
+          const uint4 raw = in ? keys_s[row * kPieces + ((slot * kLanePieces + h) ^ value_swizzle(row))] : make_uint4(0, 0, 0, 0);
+          unpack8(raw, v + 8 * h, scalar_t{});
+        }
+        if constexpr (decltype(with_bounds)::value) {
+          if (in) {
+#pragma unroll
+            for (int t = 0; t < kTiles; ++t) {
+              lo[t] = v[t] < lo[t] ? v[t] : lo[t];
+              hi[t] = v[t] > hi[t] ? v[t] : hi[t];
+            }
+          }
+        }
+#pragma unroll
+        for (int nt = 0; nt < kTiles; ++nt) dmma_m8n8k4(acc[nt][0], acc[nt][1], a, static_cast<double>(v[nt]));
+      }
+      if constexpr (decltype(with_bounds)::value) {
+        float* lo_s = reinterpret_cast<float*>(sums_s);  // free until this block's sums (the size is asserted above)
+        float* hi_s = lo_s + (kResidentMaxThreads / 32) * kE;
+        for (int offset = 1; offset < 4; offset <<= 1) {  // the lanes of a slot
+#pragma unroll
+          for (int t = 0; t < kTiles; ++t) {
+            const float a = __shfl_xor_sync(0xffffffffu, lo[t], offset), b = __shfl_xor_sync(0xffffffffu, hi[t], offset);
+            lo[t] = a < lo[t] ? a : lo[t];
+            hi[t] = b > hi[t] ? b : hi[t];
+          }
+        }
+        if (step_point == 0) {
+#pragma unroll
+          for (int t = 0; t < kTiles; ++t) lo_s[warp * kE + slot * kTiles + t] = lo[t], hi_s[warp * kE + slot * kTiles + t] = hi[t];
+        }
+        __syncthreads();
+        for (int c = tid; c < kE; c += blockDim.x) {
+          float low = INFINITY, high = -INFINITY;
+          for (int w = 0; w < warps; ++w) {
+            low = lo_s[w * kE + c] < low ? lo_s[w * kE + c] : low;
+            high = hi_s[w * kE + c] > high ? hi_s[w * kE + c] : high;
+          }
+          p.value_min[(gb * ranks + rank) * kE + c] = low;
+          p.value_max[(gb * ranks + rank) * kE + c] = high;
         }
       }
-      __syncthreads();  // the previous block's sums and weights are written out
+      __syncthreads();  // the previous block's sums and weights (or this one's bounds) are read out
       w_s[tid] = weight;
       for (int w = 0; w < warps; ++w) {  // fixed-order sums over the warps
         if (warp == w) {
@@ -551,7 +598,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
           for (int nt = 0; nt < kTiles; ++nt) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-              double* cell = &sums_s[slot * (kE + 1) + nt * 8 + 2 * step_point + h];
+              double* cell = &sums_s[slot * (kE + 1) + (2 * step_point + h) * kTiles + nt];
               *cell = w == 0 ? acc[nt][h] : *cell + acc[nt][h];
             }
           }
@@ -569,9 +616,11 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
       __syncthreads();
       const int rows_here = count - jb < kBlock ? count - jb : kBlock;
       for (int o = tid; o < rows_here * (kE + 1); o += blockDim.x) out[jb * (kE + 1) + o] = sums_s[o];
-    }
+    };
+    slot_block(0, std::true_type{});
+    for (int jb = kBlock; jb < count; jb += kBlock) slot_block(jb, std::false_type{});
   } else {
-    write_value_bounds(global_piece);  // no values staged: no pivot taken, or no points here
+    write_value_bounds();  // no values staged: no pivot taken, or no points here
   }
   if (rank == 0 && tid == 0) {
     p.counts[gb] = count;
