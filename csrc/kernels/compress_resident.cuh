@@ -387,9 +387,35 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   if (tid == 0) stats[1] = local, stats[3] = 0.0;
   publish_candidate(best, 1.0f, 0);
 
+  // The exponential variates E of the next step's scores depend on the position and the step only,
+  // so they are drawn while this step's cluster barrier is in flight (between its arrive and its
+  // wait), where the warps would otherwise stall. A point whose residual falls to tol or below
+  // has one drawn and left unused.
+  float next_noise[kPts];
+  const auto draw_noise = [&](int step) {
+    uint64_t quad = ~0ull;
+    Philox4 bits{};
+#pragma unroll
+    for (int q = 0; q < kPts; ++q) {
+      const uint64_t pos = static_cast<uint64_t>(start + first + l0 + q);
+      if ((pos >> 2) != quad) {
+        quad = pos >> 2;
+        bits = pivot_noise_bits(seed, static_cast<uint64_t>(g), static_cast<uint32_t>(step), quad);
+      }
+      next_noise[q] = exponential_variate<float>(bits.v[pos & 3]);
+    }
+  };
   int count = 0;
   for (int i = 0; i < slots; ++i) {
-    step_barrier();  // every CTA's candidate of this step (and, at i = 0, its s max) is published
+    // every CTA's candidate of this step (and, at i = 0, its s max) is published
+    if (ranks > 1) {
+      cluster.barrier_arrive();
+      if (i + 1 < slots) draw_noise(i + 1);
+      cluster.barrier_wait();
+    } else {
+      if (i + 1 < slots) draw_noise(i + 1);
+      __syncthreads();
+    }
     // Warp 0 takes the cluster's argmax and the pivot's key: all the distances need. The bordering
     // waits until the other warps are on their distances.
     float d_p = 0.0f;  // the pivot's residual (warp 0)
@@ -467,8 +493,6 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     const bool last = i + 1 == slots;
     best = ArgMax{-INFINITY, -1};
     float best_residual = 0.0f;
-    uint64_t quad = ~0ull;
-    Philox4 bits{};
 #pragma unroll
     for (int q = 0; q < kPts; ++q) {
       const int l = l0 + q;
@@ -483,12 +507,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
       d = (first + l == piv || d < 0.0f) ? 0.0f : d;
       residual[q] = d;
       if (!last && d > p.tol) {
-        const uint64_t pos = static_cast<uint64_t>(start + first + l);
-        if ((pos >> 2) != quad) {
-          quad = pos >> 2;
-          bits = pivot_noise_bits(seed, static_cast<uint64_t>(g), static_cast<uint32_t>(i + 1), quad);
-        }
-        const float score = vlog(normal_floor(d) / exponential_variate<float>(bits.v[pos & 3])) + static_cast<float>(s[q]);
+        const float score = vlog(normal_floor(d) / next_noise[q]) + static_cast<float>(s[q]);
         const ArgMax mine{score, first + l};
         if (better(best, mine).index == mine.index) best = mine, best_residual = d;
       }
