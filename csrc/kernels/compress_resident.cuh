@@ -83,23 +83,25 @@ struct ResidentParams {
   double* value_max;          // reduces them per group, in place of the statistics kernel)
 };
 
-// Shared memory: the key slice (reused for the value slice), the kernel rows, the points' scale
-// factors, then the small arrays. All offsets are 16-byte multiples.
+// Shared memory: the step's pivot key first, at offset 0, so that the distance loop reads it with
+// constant addresses; the key slice (reused for the value slice), the kernel rows, the points'
+// scale factors, then the small arrays. All offsets are 16-byte multiples.
 struct ResidentLayout {
-  size_t rows, scale, w, kinv, mean, pivot_key, g_d, a, g_t, sums, candidates, candidate_keys, warp_candidates, reduce, bytes;
+  size_t pivot_key, keys, rows, scale, w, kinv, mean, g_d, a, g_t, sums, candidates, candidate_keys, warp_candidates, reduce, bytes;
 };
 
 __host__ __device__ inline size_t resident_align16(size_t x) { return (x + 15) / 16 * 16; }
 
 __host__ __device__ inline ResidentLayout resident_layout(int e, int slice, int64_t slots_max) {
   ResidentLayout l{};
-  size_t at = resident_align16(static_cast<size_t>(slice) * e * 2);  // keys, then values
+  size_t at = 0;
+  l.pivot_key = at, at += resident_align16(sizeof(float) * e);
+  l.keys = at, at += resident_align16(static_cast<size_t>(slice) * e * 2);  // keys, then values
   l.rows = at, at += resident_align16(sizeof(float) * slots_max * slice);
   l.scale = at, at += resident_align16(sizeof(double) * slice);
   l.w = at, at += resident_align16(sizeof(double) * kResidentMaxThreads);  // the weighted sums' weights, per thread
   l.kinv = at, at += resident_align16(sizeof(double) * slots_max * slots_max);
   l.mean = at, at += resident_align16(sizeof(float) * e);
-  l.pivot_key = at, at += resident_align16(sizeof(float) * e);
   l.g_d = at, at += resident_align16(sizeof(double) * slots_max);
   l.a = at, at += resident_align16(sizeof(double) * slots_max);
   l.g_t = at, at += resident_align16(sizeof(float) * slots_max);
@@ -200,7 +202,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const ResidentLayout lay = resident_layout(kE, slice, p.slots_max);
-  uint4* keys_s = reinterpret_cast<uint4*>(smem_raw);
+  uint4* keys_s = reinterpret_cast<uint4*>(smem_raw + lay.keys);
   float* rows_s = reinterpret_cast<float*>(smem_raw + lay.rows);
   double* scale_s = reinterpret_cast<double*>(smem_raw + lay.scale);
   double* w_s = reinterpret_cast<double*>(smem_raw + lay.w);
@@ -275,11 +277,16 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     return;
   }
 
-  // Copy this slice's keys (16-byte pieces; row l's piece k lands in piece k ^ ((l / kPts) & 7)).
+  // Copy this slice's keys (16-byte pieces; row l's piece k lands in piece k ^ ((l / kPts) & 7));
+  // the rows past `own` up to the threads' last point are zero, so that the passes over the
+  // points load every thread's rows without a test (their results are never used).
   const scalar_t* keys = p.keys + (g * p.n + start + first) * kE;
   for (int idx = tid; idx < own * kPieces; idx += blockDim.x) {
     const int l = idx / kPieces, k = idx % kPieces;
     resident_copy_16(keys_s + l * kPieces + (k ^ ((l / kPts) & 7)), keys + static_cast<int64_t>(idx) * 8);
+  }
+  for (int idx = own * kPieces + tid; idx < static_cast<int>(blockDim.x) * kPts * kPieces; idx += blockDim.x) {
+    keys_s[idx] = make_uint4(0, 0, 0, 0);
   }
   for (int c = tid; c < kE; c += blockDim.x) mean_s[c] = p.key_mean[g * kE + c];
   for (int idx = tid; idx < p.slots_max * p.slots_max; idx += blockDim.x) kinv_s[idx] = 0.0;
@@ -316,8 +323,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
       float x[kPts][8];
 #pragma unroll
       for (int q = 0; q < kPts; ++q) {
-        const uint4 raw = l0 + q < own ? keys_s[(l0 + q) * kPieces + (k ^ swizzle)] : make_uint4(0, 0, 0, 0);
-        unpack8(raw, x[q], scalar_t{});
+        unpack8(keys_s[(l0 + q) * kPieces + (k ^ swizzle)], x[q], scalar_t{});
       }
       f(k * 8, x);
     }
