@@ -395,8 +395,8 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
 
   // The exponential variates E of the next step's scores depend on the position and the step only,
   // so they are drawn while this step's cluster barrier is in flight (between its arrive and its
-  // wait), where the warps would otherwise stall. A point whose residual falls to tol or below
-  // has one drawn and left unused.
+  // wait), where the warps would otherwise stall. A point whose residual falls to tol or below,
+  // and a thread's point past the slice's end, has one drawn and left unused.
   float next_noise[kPts];
   const auto draw_noise = [&](int step) {
     uint64_t quad = ~0ull;
@@ -535,7 +535,8 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     // Tile nt's column n is value column n · kTiles + nt, so that a lane's B elements of a step
     // (its slot's columns) are whole 16-byte pieces of one row, read by one load each; row l's
     // piece k lands in piece k ^ value_swizzle(l), which puts the pieces that the 8 lanes of a
-    // quarter warp read (2 slots of 4 rows) in distinct banks.
+    // quarter warp read (2 slots of 4 rows) in distinct banks at E = 64. At E = 128 rows 0 and 2 of
+    // a step share banks (two wavefronts per load; benchmarks/NOTES.md, session 15).
     constexpr int kBlock = kResidentSlotBlock, kTiles = kE / 8, kLanePieces = kPieces / 8;
     static_assert(kBlock == 8, "m8n8k4 steps: 8 slots by 4 points");
     const auto value_swizzle = [](int l) { return (kPieces / 4) * (l & 3); };
