@@ -224,6 +224,20 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
 
   const scalar_t* values = p.values + (g * p.n + start + first) * kE;
   const uint4* value_pieces = reinterpret_cast<const uint4*>(values);
+  // The slice's value bounds from the warps' bounds per column (lo_s, hi_s: [warp][column], written
+  // before the call): after a block barrier, the warps meet in a fixed order per column.
+  const auto write_warp_bounds = [&](const float* lo_s, const float* hi_s) {
+    __syncthreads();
+    for (int c = tid; c < kE; c += blockDim.x) {
+      float low = INFINITY, high = -INFINITY;
+      for (int w = 0; w < warps; ++w) {
+        low = lo_s[w * kE + c] < low ? lo_s[w * kE + c] : low;
+        high = hi_s[w * kE + c] > high ? hi_s[w * kE + c] : high;
+      }
+      p.value_min[(gb * ranks + rank) * kE + c] = low;
+      p.value_max[(gb * ranks + rank) * kE + c] = high;
+    }
+  };
   // The value bounds of this slice (§2.1) for the statistics' finalize, which reduces them per group,
   // where no weighted sums stage the values (they fold the bounds as they load them, below): read
   // from global memory. Each thread folds one piece column over every (threads / pieces)-th row;
@@ -260,16 +274,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
 #pragma unroll
       for (int j = 0; j < 8; ++j) lo_s[warp * kE + 8 * k + j] = lo[j], hi_s[warp * kE + 8 * k + j] = hi[j];
     }
-    __syncthreads();
-    for (int c = tid; c < kE; c += blockDim.x) {
-      float low = INFINITY, high = -INFINITY;
-      for (int w = 0; w < warps; ++w) {
-        low = lo_s[w * kE + c] < low ? lo_s[w * kE + c] : low;
-        high = hi_s[w * kE + c] > high ? hi_s[w * kE + c] : high;
-      }
-      p.value_min[(gb * ranks + rank) * kE + c] = low;
-      p.value_max[(gb * ranks + rank) * kE + c] = high;
-    }
+    write_warp_bounds(lo_s, hi_s);
   };
   if (length <= slots) {  // kept exactly (§2.4): the decision is the whole cluster's
     if (rank == 0 && threadIdx.x == 0) p.counts[gb] = -1;
@@ -535,11 +540,11 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     // Tile nt's column n is value column n · kTiles + nt, so that a lane's B elements of a step
     // (its slot's columns) are whole 16-byte pieces of one row, read by one load each; row l's
     // piece k lands in piece k ^ value_swizzle(l), which puts the pieces that the 8 lanes of a
-    // quarter warp read (2 slots of 4 rows) in distinct banks at E = 64. At E = 128 rows 0 and 2 of
-    // a step share banks (two wavefronts per load; benchmarks/NOTES.md, session 15).
+    // quarter warp read (2 slots of 4 rows) in distinct banks: a bank group spans 8 pieces, so at
+    // E = 128 (a lane's pieces 4j + h and 4j + 2 + h) the swizzle takes values 0, 1, 4, 5.
     constexpr int kBlock = kResidentSlotBlock, kTiles = kE / 8, kLanePieces = kPieces / 8;
     static_assert(kBlock == 8, "m8n8k4 steps: 8 slots by 4 points");
-    const auto value_swizzle = [](int l) { return (kPieces / 4) * (l & 3); };
+    const auto value_swizzle = [](int l) { return kPieces == 8 ? 2 * (l & 3) : (l & 1) | ((l & 2) << 1); };
     for (int idx = tid; idx < own * kPieces; idx += blockDim.x) {
       const int l = idx / kPieces, k = idx % kPieces;
       resident_copy_16(keys_s + l * kPieces + (k ^ value_swizzle(l)), values + static_cast<int64_t>(idx) * 8);
@@ -605,16 +610,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
 #pragma unroll
           for (int t = 0; t < kTiles; ++t) lo_s[warp * kE + slot * kTiles + t] = lo[t], hi_s[warp * kE + slot * kTiles + t] = hi[t];
         }
-        __syncthreads();
-        for (int c = tid; c < kE; c += blockDim.x) {
-          float low = INFINITY, high = -INFINITY;
-          for (int w = 0; w < warps; ++w) {
-            low = lo_s[w * kE + c] < low ? lo_s[w * kE + c] : low;
-            high = hi_s[w * kE + c] > high ? hi_s[w * kE + c] : high;
-          }
-          p.value_min[(gb * ranks + rank) * kE + c] = low;
-          p.value_max[(gb * ranks + rank) * kE + c] = high;
-        }
+        write_warp_bounds(lo_s, hi_s);
       }
       __syncthreads();  // the previous block's sums and weights (or this one's bounds) are read out
       w_s[tid] = weight;
