@@ -1,4 +1,4 @@
-"""Error of four forms of the squared key distance m²|k_l − k_p|² against float64, on the CPU.
+"""Error of five forms of the squared key distance m²|k_l − k_p|² against float64, on the CPU.
 
 For the rounds-with-tensor-cores design (benchmarks/NOTES.md, session 15): the resident and block
 kernels form m²|k_l − k_p|² from the 16-bit keys' differences in float32 (one FADD and one FFMA per
@@ -11,6 +11,14 @@ compress_kv uses (one bin of 4,096 keys, E = 64, β = 1/8, the Lambert τ):
   split32   the same on centred keys x = k − c (c the bf16-rounded mean, x exact in float32) split
             as x = hi + lo (two bf16): the four bf16 products hi·hi, hi·lo, lo·hi, lo·lo
   split3    the same without lo·lo (three products)
+  mixed     |x_l|² + |x_p|² − 2 (k_l · x_p − c · x_p) with x = k − c: the raw keys (exact bf16) against
+            the pivot's centred key split in two bf16 parts (two products), the norms in float32
+            from exact differences (the tensor-core form session 16 measured on the GPU, there with
+            c the mean of the CTA's keys; here the bin's)
+Kinds: the benchmark's four, "offset" (every coordinate + 4), "outlier" (one channel + 40) and
+"scaled" (queries and keys × 40, so that s = m²|x|² reaches the thousands, as in test_cuda's
+overflow-shift test): there every form but diff32 leaves exponent errors near 1e-3 where the
+distance is 0, because their rounding scales with the norms instead of the distance.
 Duplicates: four keys are copies of pivots; the last column is their largest exponent error, 0 where
 a form gives them distance 0 exactly (the CPU's sums run in another order than a tensor core's, so
 this column says nothing of the GPU's).
@@ -37,14 +45,16 @@ def gram32(a, b):  # float32 accumulation of exact products of bf16 values
 
 
 rows = []
-for kind in ["gaussian", "lowrank", "clustered", "heavytail", "offset", "outlier"]:
-    base = "gaussian" if kind in ("offset", "outlier") else kind
+for kind in ["gaussian", "lowrank", "clustered", "heavytail", "offset", "outlier", "scaled"]:
+    base = "gaussian" if kind in ("offset", "outlier", "scaled") else kind
     q, k, _ = make_inputs(base, 1, 1, 1, N, E, torch.float32, "cpu", seed=1)
     q, k = q[0, 0], k[0, 0].clone()
     if kind == "offset":  # every coordinate shifted by 4
         k += 4.0
     if kind == "outlier":  # one channel far from 0, as in the keys of many language models
         k[:, 0] += 40.0
+    if kind == "scaled":  # queries and keys 40x: s in the thousands, as in test_cuda's overflow-shift test
+        q, k = q * 40, k * 40
     k = bf(k)
     perm = torch.randperm(N)
     piv, dups = perm[:P], perm[P:P + 4]
@@ -68,8 +78,15 @@ for kind in ["gaussian", "lowrank", "clustered", "heavytail", "offset", "outlier
     g3 = g - gram32(lo, lo[piv])
     nx3 = (hi * hi).sum(-1) + 2 * (hi * lo).sum(-1)
     split3 = nx3[:, None] + nx3[piv][None] - 2 * g3
+    xp = x[piv]  # the pivots' centred keys, exact in float32
+    hp = bf(xp)
+    lp = bf(xp - hp)
+    y = gram32(k, hp) + gram32(k, lp)  # raw keys against the pivot's two parts
+    centre_dot = (c[None, :] * xp).sum(-1)  # c · x_p in float32
+    t = (x * x).sum(-1)  # |x_l|^2 in float32
+    mixed = (t[:, None] + t[piv][None]) - 2 * (y - centre_dot[None])
     s_max = (m * m * (k.double() - mean).pow(2).sum(-1)).max().item()
-    for name, d in (("diff32", diff32), ("dot32", dot32), ("split32", split32), ("split3", split3)):
+    for name, d in (("diff32", diff32), ("dot32", dot32), ("split32", split32), ("split3", split3), ("mixed", mixed)):
         err = (m * m / 2 * (d.double() - exact)).abs()
         near = exact * m * m / 2 < 2  # pairs whose kernel value exceeds e^-2
         dup = err[dups, torch.arange(4)]  # exact distance 0
