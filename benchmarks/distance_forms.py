@@ -73,10 +73,10 @@ for kind in ["gaussian", "lowrank", "clustered", "heavytail", "offset", "outlier
     hi = bf(x)
     lo = bf(x - hi)
     g = gram32(hi, hi[piv]) + gram32(hi, lo[piv]) + gram32(lo, hi[piv]) + gram32(lo, lo[piv])
-    nx = (hi * hi).sum(-1) + 2 * (hi * lo).sum(-1) + (lo * lo).sum(-1)
+    nx3 = (hi * hi).sum(-1) + 2 * (hi * lo).sum(-1)  # |x|^2 without lo . lo
+    nx = nx3 + (lo * lo).sum(-1)
     split32 = nx[:, None] + nx[piv][None] - 2 * g
     g3 = g - gram32(lo, lo[piv])
-    nx3 = (hi * hi).sum(-1) + 2 * (hi * lo).sum(-1)
     split3 = nx3[:, None] + nx3[piv][None] - 2 * g3
     xp = x[piv]  # the pivots' centred keys, exact in float32
     hp = bf(xp)
