@@ -7,7 +7,8 @@
 // split over the CTAs of a cluster (up to 16), each CTA copies its slice of keys once (16-byte
 // cp.async, swizzled so that the per-point reads are free of bank conflicts), keeps its kernel rows
 // in shared memory and its residuals in registers, and the pivot of every step is the argmax over
-// the cluster's per-CTA candidates, read through distributed shared memory. After the last step
+// the cluster's per-CTA candidates, which every CTA pushes into every CTA's inbox (st.async,
+// counted by an mbarrier), so that no step reads another CTA's shared memory. After the last step
 // each CTA forms its slice's weighted value sums (double, as the general kernel does) and writes
 // them as one chunk of compress_kv's `partial` workspace, so stages 4 and 5 are shared. Each CTA also
 // writes its slice's value bounds, from the staged values (or from global memory where it staged
@@ -51,13 +52,28 @@ struct ResidentShape {
   static constexpr int kPieces = kE / 8;  // 16-byte pieces per key row
 };
 
-// A CTA's candidate for the next pivot, published for the other CTAs of the cluster.
+// A warp's candidate for the next pivot, met with the other warps' in shared memory.
 struct ResidentCandidate {
   float score;
   int32_t index;     // in the bin; -1: none
   float residual;    // the candidate's residual after this step: d_p of the next one
   int32_t unused;
 };
+
+// What a step needs of a CTA's candidate, pushed into every CTA's inbox (st.async), so that no CTA
+// reads another's shared memory during the steps: the candidate, its 16-bit key and its older
+// kernel rows R_j, j < the step's index; at step 0 also the CTA's largest s.
+struct ResidentRecordHead {
+  float score;
+  int32_t index;   // in the bin; -1: none
+  float residual;  // the candidate's residual: d_p of the step
+  int32_t unused;
+  double s_max;    // the CTA's largest s (step 0: s_ref is the cluster's)
+  double unused2;
+};
+__host__ __device__ constexpr size_t resident_record_bytes(int e) {
+  return sizeof(ResidentRecordHead) + 2 * static_cast<size_t>(e) + sizeof(float) * kResidentMaxSlots;
+}
 
 template <typename scalar_t>
 struct ResidentParams {
@@ -87,12 +103,13 @@ struct ResidentParams {
 // constant addresses; the key slice (reused for the value slice), the kernel rows, the points'
 // scale factors, then the small arrays. All offsets are 16-byte multiples.
 struct ResidentLayout {
-  size_t pivot_key, keys, rows, scale, w, kinv, mean, g_d, a, g_t, sums, candidates, candidate_keys, warp_candidates, reduce, bytes;
+  size_t pivot_key, keys, rows, scale, w, kinv, mean, g_d, a, g_t, sums, inbox, inbox_full, record, warp_candidates,
+      reduce, bytes;
 };
 
 __host__ __device__ inline size_t resident_align16(size_t x) { return (x + 15) / 16 * 16; }
 
-__host__ __device__ inline ResidentLayout resident_layout(int e, int slice, int64_t slots_max) {
+__host__ __device__ inline ResidentLayout resident_layout(int e, int slice, int64_t slots_max, int cluster) {
   ResidentLayout l{};
   size_t at = 0;
   l.pivot_key = at, at += resident_align16(sizeof(float) * e);
@@ -106,8 +123,16 @@ __host__ __device__ inline ResidentLayout resident_layout(int e, int slice, int6
   l.a = at, at += resident_align16(sizeof(double) * slots_max);
   l.g_t = at, at += resident_align16(sizeof(float) * slots_max);
   l.sums = at, at += resident_align16(sizeof(double) * kResidentSlotBlock * (e + 1));
-  l.candidates = at, at += resident_align16(sizeof(ResidentCandidate) * 2);
-  l.candidate_keys = at, at += resident_align16(2 * static_cast<size_t>(e) * 2);  // 16-bit keys
+  // the inbox ([step parity][rank]) is read only during the steps, and the weighted sums' point
+  // factors and weights only after them: where it fits, it takes their place
+  const size_t inbox_bytes = 2 * static_cast<size_t>(cluster) * resident_record_bytes(e);
+  if (inbox_bytes <= l.kinv - l.scale) {
+    l.inbox = l.scale;
+  } else {
+    l.inbox = at, at += inbox_bytes;
+  }
+  l.inbox_full = at, at += resident_align16(sizeof(uint64_t) * 2);
+  l.record = at, at += resident_record_bytes(e);  // this CTA's, staged for the push
   l.warp_candidates = at, at += resident_align16(sizeof(ResidentCandidate) * (kResidentMaxThreads / 32));
   l.reduce = at, at += resident_align16(sizeof(double) * (8 + kResidentMaxThreads / 32));
   l.bytes = at;
@@ -201,7 +226,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   const int swizzle = tid & 7;  // rows of thread tid sit in pieces k ^ swizzle
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const ResidentLayout lay = resident_layout(kE, slice, p.slots_max);
+  const ResidentLayout lay = resident_layout(kE, slice, p.slots_max, ranks);
   uint4* keys_s = reinterpret_cast<uint4*>(smem_raw + lay.keys);
   float* rows_s = reinterpret_cast<float*>(smem_raw + lay.rows);
   double* scale_s = reinterpret_cast<double*>(smem_raw + lay.scale);
@@ -213,8 +238,12 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   double* a_s = reinterpret_cast<double*>(smem_raw + lay.a);
   float* g_t = reinterpret_cast<float*>(smem_raw + lay.g_t);
   double* sums_s = reinterpret_cast<double*>(smem_raw + lay.sums);
-  ResidentCandidate* candidates = reinterpret_cast<ResidentCandidate*>(smem_raw + lay.candidates);
-  uint4* candidate_keys = reinterpret_cast<uint4*>(smem_raw + lay.candidate_keys);  // [2][kPieces]: their keys
+  constexpr size_t kRecordBytes = resident_record_bytes(kE);
+  static_assert(kRecordBytes % 16 == 0, "records travel in 16-byte pieces");
+  unsigned char* inbox = smem_raw + lay.inbox;
+  uint64_t* inbox_full = reinterpret_cast<uint64_t*>(smem_raw + lay.inbox_full);
+  unsigned char* record_s = smem_raw + lay.record;
+  const auto record_at = [&](int parity, int source) { return inbox + (parity * ranks + source) * kRecordBytes; };
   ResidentCandidate* warp_candidates = reinterpret_cast<ResidentCandidate*>(smem_raw + lay.warp_candidates);
   // [0] the CTA's largest centred norm and [1] largest s (read by the cluster), [2], [3] the
   // cluster's; [4] the step's pivot (as int); then one double per warp for block maxima
@@ -295,15 +324,27 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   }
   for (int c = tid; c < kE; c += blockDim.x) mean_s[c] = p.key_mean[g * kE + c];
   for (int idx = tid; idx < p.slots_max * p.slots_max; idx += blockDim.x) kinv_s[idx] = 0.0;
+  // inbox_full[b] completes a phase when this CTA has armed it (one arrival with the bytes to
+  // expect) and every CTA's record of the step has landed; the other CTAs' pushes may come first.
+  // A CTA alone does not use it.
+  if (tid == 0) {
+    for (int b = 0; b < 2; ++b) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(&inbox_full[b])))
+                   : "memory");
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // before the cluster barrier below
+  }
   resident_copy_wait();
   __syncthreads();
 
   const int l0 = tid * kPts;  // this thread's points l0 .. l0 + kPts - 1 (valid below `own`)
-  // The CTA's candidate for the next pivot from each thread's best point (and that point's
-  // residual), published in `buffer` with its key, so that the other CTAs read both after the
-  // cluster barrier. The warps' bests meet in shared memory and warp 0 takes theirs: one block
-  // barrier, the cluster barrier that follows orders the rest.
-  const auto publish_candidate = [&](ArgMax mine, float mine_residual, int buffer) {
+  // The CTA's candidate for step `step` from each thread's best point (and that point's residual):
+  // the warps' bests meet in shared memory and warp 0 takes theirs, stages the record (the key and
+  // the candidate's kernel rows of steps before `step`) and pushes it into every CTA's inbox for
+  // the step's parity with st.async, counted by that CTA's inbox_full. A CTA alone stages the
+  // record in its inbox instead (st.async addresses the shared memory of a cluster of two or more),
+  // and the block barrier at the step's start hands it to warp 1.
+  const auto publish_candidate = [&](ArgMax mine, float mine_residual, int step) {
     const ArgMax top = resident_warp_argmax(mine);
     if (mine.index == top.index && mine.index >= 0) {
       warp_candidates[warp] = ResidentCandidate{top.score, static_cast<int32_t>(top.index), mine_residual, 0};
@@ -313,11 +354,31 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     if (tid < 32) {
       const ResidentCandidate c = lane < warps ? warp_candidates[lane] : ResidentCandidate{-INFINITY, -1, 0.0f, 0};
       const ArgMax cta = resident_warp_argmax(ArgMax{c.score, c.index});
-      if (c.index == cta.index && c.index >= 0) candidates[buffer] = c;
-      if (lane == 0 && cta.index < 0) candidates[buffer] = ResidentCandidate{-INFINITY, -1, 0.0f, 0};
-      if (cta.index >= 0 && lane < kPieces) {
+      unsigned char* staged = ranks > 1 ? record_s : record_at(step & 1, 0);
+      ResidentRecordHead* head = reinterpret_cast<ResidentRecordHead*>(staged);
+      if (c.index == cta.index && c.index >= 0) *head = ResidentRecordHead{c.score, c.index, c.residual, 0, stats[1], 0.0};
+      if (lane == 0 && cta.index < 0) *head = ResidentRecordHead{-INFINITY, -1, 0.0f, 0, stats[1], 0.0};
+      if (cta.index >= 0) {
         const int l = static_cast<int>(cta.index) - first;
-        candidate_keys[buffer * kPieces + lane] = keys_s[l * kPieces + (lane ^ ((l / kPts) & 7))];
+        uint4* key = reinterpret_cast<uint4*>(staged + sizeof(ResidentRecordHead));
+        float* older = reinterpret_cast<float*>(staged + sizeof(ResidentRecordHead) + 2 * kE);
+        if (lane < kPieces) key[lane] = keys_s[l * kPieces + (lane ^ ((l / kPts) & 7))];
+        if (lane < step) older[lane] = rows_s[lane * slice + l];
+      }
+      __syncwarp();
+      if (ranks == 1) return;
+      constexpr int kRecordPieces = static_cast<int>(kRecordBytes / 16);
+      const unsigned slot = static_cast<unsigned>(__cvta_generic_to_shared(record_at(step & 1, rank)));  // ours, in every inbox
+      const unsigned full = static_cast<unsigned>(__cvta_generic_to_shared(&inbox_full[step & 1]));
+      for (int chunk = lane; chunk < ranks * kRecordPieces; chunk += 32) {
+        const unsigned to_rank = static_cast<unsigned>(chunk / kRecordPieces), piece = chunk % kRecordPieces;
+        const uint4 v = reinterpret_cast<const uint4*>(record_s)[piece];
+        unsigned to, to_full;
+        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(to) : "r"(slot + 16 * piece), "r"(to_rank));
+        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(to_full) : "r"(full), "r"(to_rank));
+        asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];\n" ::"r"(to),
+                     "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(to_full)
+                     : "memory");
       }
     }
   };
@@ -399,8 +460,8 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   publish_candidate(best, 1.0f, 0);
 
   // The exponential variates E of the next step's scores depend on the position and the step only,
-  // so they are drawn while this step's cluster barrier is in flight (between its arrive and its
-  // wait), where the warps would otherwise stall. A point whose residual falls to tol or below,
+  // so they are drawn while this step's records are in flight (before the inbox wait), where the
+  // warps would otherwise stall. A point whose residual falls to tol or below,
   // and a thread's point past the slice's end, has one drawn and left unused.
   float next_noise[kPts];
   const auto draw_noise = [&](int step) {
@@ -418,65 +479,80 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   };
   int count = 0;
   for (int i = 0; i < slots; ++i) {
-    // every CTA's candidate of this step (and, at i = 0, its s max) is published
-    if (ranks > 1) {
-      cluster.barrier_arrive();
-      if (i + 1 < slots) draw_noise(i + 1);
-      cluster.barrier_wait();
-    } else {
-      if (i + 1 < slots) draw_noise(i + 1);
-      __syncthreads();
+    // Every CTA's record of this step lands in the inbox of parity i & 1: warp 0 arms the count
+    // (its phase i / 2) and the two warps that read the records wait for it; the next step's
+    // exponential variates are drawn first.
+    if (i + 1 < slots) draw_noise(i + 1);
+    const int border_warp = warps > 1 ? 1 : 0;
+    if (ranks == 1) {
+      __syncthreads();  // a CTA alone: its record, staged in its inbox by warp 0, is written
+    } else if (warp == 0 || warp == border_warp) {
+      const unsigned full = static_cast<unsigned>(__cvta_generic_to_shared(&inbox_full[i & 1]));
+      if (tid == 0) {
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(full),
+                     "r"(static_cast<unsigned>(ranks * kRecordBytes))
+                     : "memory");
+      }
+      uint32_t done = 0;
+      do {
+        asm volatile(
+            "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+            " selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(full), "r"(static_cast<unsigned>((i >> 1) & 1))
+            : "memory");
+      } while (done == 0);
     }
-    // Warp 0 takes the cluster's argmax and the pivot's key: all the distances need. The bordering
-    // waits until the other warps are on their distances.
-    float d_p = 0.0f;  // the pivot's residual (warp 0)
-    if (tid < 32) {
-      const ResidentCandidate c =
-          lane < ranks ? cluster.map_shared_rank(candidates, lane)[i & 1] : ResidentCandidate{-INFINITY, -1, 0.0f, 0};
+    // Warp 0 takes the cluster's argmax and the pivot's key, all the distances need. Warp 1 takes
+    // the same argmax and meanwhile forms the bordering, g = (L a, -1) / sqrt(d_p) with a_j = R_j(p)
+    // from the owner's record, so that one block barrier serves both. A CTA of one warp does both
+    // in turn. Every read is local.
+    if (warp == 0 || warp == border_warp) {
+      const ResidentRecordHead c = lane < ranks ? *reinterpret_cast<const ResidentRecordHead*>(record_at(i & 1, lane))
+                                                : ResidentRecordHead{-INFINITY, -1, 0.0f, 0, 0.0, 0.0};
       const ArgMax top = resident_warp_argmax(ArgMax{c.score, c.index});
-      const int piv = static_cast<int>(top.index);
-      if (piv >= 0) {
-        const int owner = piv / slice;
-        d_p = __shfl_sync(0xffffffffu, c.residual, owner);
-        if (lane < kPieces) {
-          unpack8(cluster.map_shared_rank(candidate_keys, owner)[(i & 1) * kPieces + lane], kp_s + lane * 8, scalar_t{});
+      const int top_index = static_cast<int>(top.index);
+      const int owner = top_index / slice;
+      if (warp == 0) {
+        if (top_index >= 0 && lane < kPieces) {
+          const uint4* key = reinterpret_cast<const uint4*>(record_at(i & 1, owner) + sizeof(ResidentRecordHead));
+          unpack8(key[lane], kp_s + lane * 8, scalar_t{});
+        }
+        if (lane == 0) *pivot_s = top_index;
+      }
+      if (warp == border_warp && top_index >= 0) {
+        if (i == 0) {
+          double v = lane < ranks ? c.s_max : 0.0;
+          for (int offset = 16; offset > 0; offset >>= 1) {
+            const double o = __shfl_xor_sync(0xffffffffu, v, offset);
+            v = o > v ? o : v;
+          }
+          if (lane == 0) stats[3] = v;
+        }
+        const float d_p = __shfl_sync(0xffffffffu, c.residual, owner);  // the pivot's residual
+        const float* older = reinterpret_cast<const float*>(record_at(i & 1, owner) + sizeof(ResidentRecordHead) + 2 * kE);
+        for (int j = lane; j < i; j += 32) a_s[j] = static_cast<double>(older[j]);
+        __syncwarp();
+        const double inv_sqrt_dp = 1.0 / sqrt(static_cast<double>(d_p));
+        for (int a = lane; a < i; a += 32) {
+          double acc = 0;
+          for (int j = 0; j < i; ++j) acc += kinv_s[a * p.slots_max + j] * a_s[j];
+          g_d[a] = acc * inv_sqrt_dp;
+          g_t[a] = static_cast<float>(g_d[a]);
+        }
+        if (lane == 0) {
+          g_d[i] = -inv_sqrt_dp;
+          g_t[i] = static_cast<float>(-inv_sqrt_dp);
         }
       }
-      if (tid == 0) *pivot_s = piv;
     }
-    __syncthreads();
+    __syncthreads();  // the pivot, its key and g are written
     const int piv = *pivot_s;
     // no candidate: every residual <= tol (early stop), or at i = 0 every score NaN (non-finite
     // keys); the same on every CTA
     if (piv < 0) break;
     count = i + 1;
     if (rank == 0 && tid == 0) p.pivots[gb * p.slots_max + i] = piv;
-    if (tid < 32) {
-      // the bordering: g = (L a, -1) / sqrt(d_p), a_j = R_j(p) from the owner's kernel rows
-      if (i == 0) {
-        double v = lane < ranks ? *cluster.map_shared_rank(&stats[1], lane) : 0.0;
-        for (int offset = 16; offset > 0; offset >>= 1) {
-          const double o = __shfl_xor_sync(0xffffffffu, v, offset);
-          v = o > v ? o : v;
-        }
-        if (tid == 0) stats[3] = v;
-      }
-      const int owner = piv / slice;
-      const float* owner_rows = cluster.map_shared_rank(rows_s, owner);
-      for (int j = lane; j < i; j += 32) a_s[j] = static_cast<double>(owner_rows[j * slice + piv - owner * slice]);
-      __syncwarp();
-      const double inv_sqrt_dp = 1.0 / sqrt(static_cast<double>(d_p));
-      for (int a = lane; a < i; a += 32) {
-        double acc = 0;
-        for (int j = 0; j < i; ++j) acc += kinv_s[a * p.slots_max + j] * a_s[j];
-        g_d[a] = acc * inv_sqrt_dp;
-        g_t[a] = static_cast<float>(g_d[a]);
-      }
-      if (lane == 0) {
-        g_d[i] = -inv_sqrt_dp;
-        g_t[i] = static_cast<float>(-inv_sqrt_dp);
-      }
-    }
 
     // R_i(l) = exp(-|x_p - x_l|^2 / 2) with |x_p - x_l|^2 = m^2 |k_p - k_l|^2: the centring
     // cancels, and the difference of two 16-bit keys is exact in float unless their magnitudes are
@@ -495,8 +571,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
       }
     });
     const float exponent_scale = -0.5f * m_t * m_t;
-    __syncthreads();  // g is written
-    // L += g g^T: read again only by the next step's bordering, after the cluster barrier
+    // L += g g^T: read again only by the next step's bordering, after publish_candidate's barrier
     for (int idx = tid; idx < (i + 1) * (i + 1); idx += blockDim.x) {
       const int a = idx / (i + 1), c = idx % (i + 1);
       kinv_s[a * p.slots_max + c] += g_d[a] * g_d[c];
@@ -524,7 +599,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
       }
     }
     if (last) break;
-    publish_candidate(best, best_residual, (i + 1) & 1);
+    publish_candidate(best, best_residual, i + 1);
   }
   const double s_ref = stats[3];
 
@@ -655,7 +730,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     double* kinv = p.kinv + gb * p.slots_max * p.slots_max;
     for (int idx = tid; idx < p.slots_max * p.slots_max; idx += blockDim.x) kinv[idx] = kinv_s[idx];
   }
-  step_barrier();  // no CTA leaves while another may still read its kernel rows or candidates
+  step_barrier();  // no CTA leaves before the cluster's last remote read (the norms') and pushes are done
 #else
   __trap();  // the host takes this path only on sm_90 and newer
 #endif

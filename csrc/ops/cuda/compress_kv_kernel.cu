@@ -318,7 +318,8 @@ ResidentPlan plan_resident(const at::Tensor& keys, const at::Tensor& values, int
     if (cluster > kernels::kResidentMaxCluster) return plan;
     const int64_t granule = 32 * points;  // whole warps of threads
     const int64_t slice = ((length_max + cluster - 1) / cluster + granule - 1) / granule * granule;
-    const size_t smem = kernels::resident_layout(static_cast<int>(e), static_cast<int>(slice), slots_max).bytes;
+    const size_t smem =
+        kernels::resident_layout(static_cast<int>(e), static_cast<int>(slice), slots_max, static_cast<int>(cluster)).bytes;
     if (smem > max_shared_memory()) return plan;
     plan.cluster = static_cast<int>(cluster);
     plan.slice = static_cast<int>(slice);
