@@ -245,8 +245,9 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   unsigned char* record_s = smem_raw + lay.record;
   const auto record_at = [&](int parity, int source) { return inbox + (parity * ranks + source) * kRecordBytes; };
   ResidentCandidate* warp_candidates = reinterpret_cast<ResidentCandidate*>(smem_raw + lay.warp_candidates);
-  // [0] the CTA's largest centred norm and [1] largest s (read by the cluster), [2], [3] the
-  // cluster's; [4] the step's pivot (as int); then one double per warp for block maxima
+  // [0] the CTA's largest centred norm (read by the cluster) and [1] its largest s (pushed with its
+  // first record), [2], [3] the cluster's; [4] the step's pivot (as int); then one double per warp
+  // for block maxima
   double* stats = reinterpret_cast<double*>(smem_raw + lay.reduce);
   int* pivot_s = reinterpret_cast<int*>(stats + 4);
   double* max_scratch = stats + 8;
@@ -454,8 +455,8 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     }
   }
   local = resident_block_max(local, max_scratch);
-  // stats[3] (s_ref) is set by the first step's leader; zero stands when that step finds no pivot
-  // (every score NaN), so max_sq_norm is still written from a defined value.
+  // stats[3] (s_ref) is set by the first step's bordering warp; zero stands when that step finds
+  // no pivot (every score NaN), so max_sq_norm is still written from a defined value.
   if (tid == 0) stats[1] = local, stats[3] = 0.0;
   publish_candidate(best, 1.0f, 0);
 
