@@ -480,7 +480,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   };
   int count = 0;
   for (int i = 0; i < slots; ++i) {
-    // Every CTA's record of this step lands in the inbox of parity i & 1: warp 0 arms the count
+    // Every CTA's record of this step lands in the inbox of parity i & 1: tid 0 arms the count
     // (its phase i / 2) and the two warps that read the records wait for it; the next step's
     // exponential variates are drawn first.
     if (i + 1 < slots) draw_noise(i + 1);

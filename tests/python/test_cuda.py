@@ -26,8 +26,9 @@ def to(device, *tensors):
     [(97, 16, 3, 32, 16), (1025, 64, 4, 64, 64), (4096, 128, 16, 64, 64), (3000, 32, 1, 128, 64), (20000, 24, 1, 64, 64),
      # the resident path with bins split over clusters: 8 CTAs of 512 points (two per thread) and
      # two blocks of 8 slots; E = 128 over 5 CTAs, the last one shorter; 10 CTAs of four points per
-     # thread (a non-portable cluster size)
-     (8192, 32, 2, 64, 64), (5000, 24, 2, 128, 128), (20000, 8, 2, 64, 64),
+     # thread (a non-portable cluster size); E = 128 over 12 CTAs, whose step inboxes do not fit the
+     # weighted sums' space and take their own
+     (8192, 32, 2, 64, 64), (5000, 24, 2, 128, 128), (20000, 8, 2, 64, 64), (12000, 24, 2, 128, 128),
      # block pivoting (bins of more than 16 slots): 128 slots, 400 (the leader's round matrices
      # too large for shared memory), and bins of 17 and 16 slots in one call (both pivot kernels)
      (6000, 128, 1, 64, 64), (3000, 400, 1, 64, 64), (3000, 33, 2, 96, 32),
