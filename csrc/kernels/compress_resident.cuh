@@ -99,12 +99,12 @@ struct ResidentParams {
   double* value_max;          // reduces them per group, in place of the statistics kernel)
 };
 
-// Shared memory: the step's pivot key first, at offset 0, so that the distance loop reads it with
-// constant addresses; the key slice (reused for the value slice), the kernel rows, the points'
-// scale factors, then the small arrays. All offsets are 16-byte multiples.
+// Shared memory: each warp's copy of the step's pivot key first, so that the distance loop reads
+// it at fixed offsets from one base; the key slice (reused for the value slice), the kernel rows,
+// the points' scale factors, then the small arrays. All offsets are 16-byte multiples.
 struct ResidentLayout {
-  size_t pivot_key, keys, rows, scale, w, kinv, mean, g_d, a, g_t, sums, inbox, inbox_full, record, warp_candidates,
-      reduce, bytes;
+  size_t pivot_key, keys, rows, scale, w, kinv, mean, sums, inbox, kinv_next, inbox_full, record, warp_candidates, reduce,
+      bytes;
 };
 
 __host__ __device__ inline size_t resident_align16(size_t x) { return (x + 15) / 16 * 16; }
@@ -112,29 +112,38 @@ __host__ __device__ inline size_t resident_align16(size_t x) { return (x + 15) /
 __host__ __device__ inline ResidentLayout resident_layout(int e, int slice, int64_t slots_max, int cluster) {
   ResidentLayout l{};
   size_t at = 0;
-  l.pivot_key = at, at += resident_align16(sizeof(float) * e);
+  l.pivot_key = at, at += resident_align16(sizeof(float) * e * (kResidentMaxThreads / 32));  // [warp][e]
   l.keys = at, at += resident_align16(static_cast<size_t>(slice) * e * 2);  // keys, then values
   l.rows = at, at += resident_align16(sizeof(float) * slots_max * slice);
   l.scale = at, at += resident_align16(sizeof(double) * slice);
   l.w = at, at += resident_align16(sizeof(double) * kResidentMaxThreads);  // the weighted sums' weights, per thread
   l.kinv = at, at += resident_align16(sizeof(double) * slots_max * slots_max);
   l.mean = at, at += resident_align16(sizeof(float) * e);
-  l.g_d = at, at += resident_align16(sizeof(double) * slots_max);
-  l.a = at, at += resident_align16(sizeof(double) * slots_max);
-  l.g_t = at, at += resident_align16(sizeof(float) * slots_max);
   l.sums = at, at += resident_align16(sizeof(double) * kResidentSlotBlock * (e + 1));
-  // the inbox ([step parity][rank]) is read only during the steps, and the weighted sums' point
-  // factors and weights only after them: where it fits, it takes their place
+  // the inbox ([step parity][rank]) and L's second buffer are used only by the steps (and L's copy
+  // back after them), and the weighted sums' point factors and weights only after them: where they
+  // fit, they take their place, the inbox first
   const size_t inbox_bytes = 2 * static_cast<size_t>(cluster) * resident_record_bytes(e);
-  if (inbox_bytes <= l.kinv - l.scale) {
+  const size_t kinv_bytes = resident_align16(sizeof(double) * slots_max * slots_max);
+  const size_t free_bytes = l.kinv - l.scale;
+  if (inbox_bytes <= free_bytes) {
     l.inbox = l.scale;
   } else {
     l.inbox = at, at += inbox_bytes;
   }
+  if (inbox_bytes + kinv_bytes <= free_bytes) {
+    l.kinv_next = l.scale + inbox_bytes;
+  } else if (inbox_bytes > free_bytes && kinv_bytes <= free_bytes) {
+    l.kinv_next = l.scale;
+  } else {
+    l.kinv_next = at, at += kinv_bytes;
+  }
   l.inbox_full = at, at += resident_align16(sizeof(uint64_t) * 2);
   l.record = at, at += resident_record_bytes(e);  // this CTA's, staged for the push
-  l.warp_candidates = at, at += resident_align16(sizeof(ResidentCandidate) * (kResidentMaxThreads / 32));
-  l.reduce = at, at += resident_align16(sizeof(double) * (8 + kResidentMaxThreads / 32));
+  // [step parity][warp]: warp 0 reads a step's candidates after the block barrier, and the next
+  // step's are written before any later barrier (the inbox orders them, which racecheck does not see)
+  l.warp_candidates = at, at += resident_align16(sizeof(ResidentCandidate) * 2 * (kResidentMaxThreads / 32));
+  l.reduce = at, at += resident_align16(sizeof(double) * (4 + kResidentMaxThreads / 32));
   l.bytes = at;
   return l;
 }
@@ -231,12 +240,13 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   float* rows_s = reinterpret_cast<float*>(smem_raw + lay.rows);
   double* scale_s = reinterpret_cast<double*>(smem_raw + lay.scale);
   double* w_s = reinterpret_cast<double*>(smem_raw + lay.w);
+  // L of step i (the inverse Cholesky factor of the pivots' kernel matrix) in kinv_s for even i,
+  // in the second buffer for odd i: each step reads one and writes the other, so no warp's update
+  // waits for another warp's bordering
   double* kinv_s = reinterpret_cast<double*>(smem_raw + lay.kinv);
+  double* kinv_next_s = reinterpret_cast<double*>(smem_raw + lay.kinv_next);
   float* mean_s = reinterpret_cast<float*>(smem_raw + lay.mean);
-  float* kp_s = reinterpret_cast<float*>(smem_raw + lay.pivot_key);  // the step's pivot key
-  double* g_d = reinterpret_cast<double*>(smem_raw + lay.g_d);
-  double* a_s = reinterpret_cast<double*>(smem_raw + lay.a);
-  float* g_t = reinterpret_cast<float*>(smem_raw + lay.g_t);
+  float* kp_s = reinterpret_cast<float*>(smem_raw + lay.pivot_key) + warp * kE;  // this warp's copy of the step's pivot key
   double* sums_s = reinterpret_cast<double*>(smem_raw + lay.sums);
   constexpr size_t kRecordBytes = resident_record_bytes(kE);
   static_assert(kRecordBytes % 16 == 0, "records travel in 16-byte pieces");
@@ -245,12 +255,10 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   unsigned char* record_s = smem_raw + lay.record;
   const auto record_at = [&](int parity, int source) { return inbox + (parity * ranks + source) * kRecordBytes; };
   ResidentCandidate* warp_candidates = reinterpret_cast<ResidentCandidate*>(smem_raw + lay.warp_candidates);
-  // [0] the CTA's largest centred norm (read by the cluster) and [1] its largest s (pushed with its
-  // first record), [2], [3] the cluster's; [4] the step's pivot (as int); then one double per warp
-  // for block maxima
+  // [0] the CTA's largest centred norm (read by the cluster), [1] its largest s (pushed with its
+  // first record), [2] the cluster's largest centred norm; then one double per warp for block maxima
   double* stats = reinterpret_cast<double*>(smem_raw + lay.reduce);
-  int* pivot_s = reinterpret_cast<int*>(stats + 4);
-  double* max_scratch = stats + 8;
+  double* max_scratch = stats + 4;
 
   const scalar_t* values = p.values + (g * p.n + start + first) * kE;
   const uint4* value_pieces = reinterpret_cast<const uint4*>(values);
@@ -324,7 +332,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     keys_s[idx] = make_uint4(0, 0, 0, 0);
   }
   for (int c = tid; c < kE; c += blockDim.x) mean_s[c] = p.key_mean[g * kE + c];
-  for (int idx = tid; idx < p.slots_max * p.slots_max; idx += blockDim.x) kinv_s[idx] = 0.0;
+  for (int idx = tid; idx < p.slots_max * p.slots_max; idx += blockDim.x) kinv_s[idx] = kinv_next_s[idx] = 0.0;
   // inbox_full[b] completes a phase when this CTA has armed it (one arrival with the bytes to
   // expect) and every CTA's record of the step has landed; the other CTAs' pushes may come first.
   // A CTA alone does not use it.
@@ -344,16 +352,17 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   // the candidate's kernel rows of steps before `step`) and pushes it into every CTA's inbox for
   // the step's parity with st.async, counted by that CTA's inbox_full. A CTA alone stages the
   // record in its inbox instead (st.async addresses the shared memory of a cluster of two or more),
-  // and the block barrier at the step's start hands it to warp 1.
+  // and the block barrier at the step's start hands it to every warp.
   const auto publish_candidate = [&](ArgMax mine, float mine_residual, int step) {
     const ArgMax top = resident_warp_argmax(mine);
+    ResidentCandidate* candidates = warp_candidates + (step & 1) * (kResidentMaxThreads / 32);
     if (mine.index == top.index && mine.index >= 0) {
-      warp_candidates[warp] = ResidentCandidate{top.score, static_cast<int32_t>(top.index), mine_residual, 0};
+      candidates[warp] = ResidentCandidate{top.score, static_cast<int32_t>(top.index), mine_residual, 0};
     }
-    if (lane == 0 && top.index < 0) warp_candidates[warp] = ResidentCandidate{-INFINITY, -1, 0.0f, 0};
+    if (lane == 0 && top.index < 0) candidates[warp] = ResidentCandidate{-INFINITY, -1, 0.0f, 0};
     __syncthreads();
     if (tid < 32) {
-      const ResidentCandidate c = lane < warps ? warp_candidates[lane] : ResidentCandidate{-INFINITY, -1, 0.0f, 0};
+      const ResidentCandidate c = lane < warps ? candidates[lane] : ResidentCandidate{-INFINITY, -1, 0.0f, 0};
       const ArgMax cta = resident_warp_argmax(ArgMax{c.score, c.index});
       unsigned char* staged = ranks > 1 ? record_s : record_at(step & 1, 0);
       ResidentRecordHead* head = reinterpret_cast<ResidentRecordHead*>(staged);
@@ -455,9 +464,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     }
   }
   local = resident_block_max(local, max_scratch);
-  // stats[3] (s_ref) is set by the first step's bordering warp; zero stands when that step finds
-  // no pivot (every score NaN), so max_sq_norm is still written from a defined value.
-  if (tid == 0) stats[1] = local, stats[3] = 0.0;
+  if (tid == 0) stats[1] = local;
   publish_candidate(best, 1.0f, 0);
 
   // The exponential variates E of the next step's scores depend on the position and the step only,
@@ -479,15 +486,17 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     }
   };
   int count = 0;
+  // the cluster's largest s, from the first step's records; zero stands when that step finds no
+  // pivot (every score NaN), so max_sq_norm is still written from a defined value
+  double s_ref = 0.0;
   for (int i = 0; i < slots; ++i) {
     // Every CTA's record of this step lands in the inbox of parity i & 1: tid 0 arms the count
-    // (its phase i / 2) and the two warps that read the records wait for it; the next step's
-    // exponential variates are drawn first.
+    // (its phase i / 2) and every warp waits for it; the next step's exponential variates are drawn
+    // first.
     if (i + 1 < slots) draw_noise(i + 1);
-    const int border_warp = warps > 1 ? 1 : 0;
     if (ranks == 1) {
       __syncthreads();  // a CTA alone: its record, staged in its inbox by warp 0, is written
-    } else if (warp == 0 || warp == border_warp) {
+    } else {
       const unsigned full = static_cast<unsigned>(__cvta_generic_to_shared(&inbox_full[i & 1]));
       if (tid == 0) {
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(full),
@@ -504,54 +513,27 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
             : "memory");
       } while (done == 0);
     }
-    // Warp 0 takes the cluster's argmax and the pivot's key, all the distances need. Warp 1 takes
-    // the same argmax and meanwhile forms the bordering, g = (L a, -1) / sqrt(d_p) with a_j = R_j(p)
-    // from the owner's record, so that one block barrier serves both. A CTA of one warp does both
-    // in turn. Every read is local.
-    if (warp == 0 || warp == border_warp) {
-      const ResidentRecordHead c = lane < ranks ? *reinterpret_cast<const ResidentRecordHead*>(record_at(i & 1, lane))
-                                                : ResidentRecordHead{-INFINITY, -1, 0.0f, 0, 0.0, 0.0};
-      const ArgMax top = resident_warp_argmax(ArgMax{c.score, c.index});
-      const int top_index = static_cast<int>(top.index);
-      const int owner = top_index / slice;
-      if (warp == 0) {
-        if (top_index >= 0 && lane < kPieces) {
-          const uint4* key = reinterpret_cast<const uint4*>(record_at(i & 1, owner) + sizeof(ResidentRecordHead));
-          unpack8(key[lane], kp_s + lane * 8, scalar_t{});
-        }
-        if (lane == 0) *pivot_s = top_index;
-      }
-      if (warp == border_warp && top_index >= 0) {
-        if (i == 0) {
-          double v = lane < ranks ? c.s_max : 0.0;
-          for (int offset = 16; offset > 0; offset >>= 1) {
-            const double o = __shfl_xor_sync(0xffffffffu, v, offset);
-            v = o > v ? o : v;
-          }
-          if (lane == 0) stats[3] = v;
-        }
-        const float d_p = __shfl_sync(0xffffffffu, c.residual, owner);  // the pivot's residual
-        const float* older = reinterpret_cast<const float*>(record_at(i & 1, owner) + sizeof(ResidentRecordHead) + 2 * kE);
-        for (int j = lane; j < i; j += 32) a_s[j] = static_cast<double>(older[j]);
-        __syncwarp();
-        const double inv_sqrt_dp = 1.0 / sqrt(static_cast<double>(d_p));
-        for (int a = lane; a < i; a += 32) {
-          double acc = 0;
-          for (int j = 0; j < i; ++j) acc += kinv_s[a * p.slots_max + j] * a_s[j];
-          g_d[a] = acc * inv_sqrt_dp;
-          g_t[a] = static_cast<float>(g_d[a]);
-        }
-        if (lane == 0) {
-          g_d[i] = -inv_sqrt_dp;
-          g_t[i] = static_cast<float>(-inv_sqrt_dp);
-        }
-      }
-    }
-    __syncthreads();  // the pivot, its key and g are written
-    const int piv = *pivot_s;
+    // Every warp takes the cluster's argmax, its own copy of the pivot's key and the bordering's
+    // inputs from the records, so that no warp waits on another within a step.
+    const ResidentRecordHead rec = lane < ranks ? *reinterpret_cast<const ResidentRecordHead*>(record_at(i & 1, lane))
+                                              : ResidentRecordHead{-INFINITY, -1, 0.0f, 0, 0.0, 0.0};
+    const int piv = static_cast<int>(resident_warp_argmax(ArgMax{rec.score, rec.index}).index);
     // no candidate: every residual <= tol (early stop), or at i = 0 every score NaN (non-finite
-    // keys); the same on every CTA
+    // keys); the same on every warp of every CTA
     if (piv < 0) break;
+    const int owner = piv / slice;
+    const unsigned char* owner_record = record_at(i & 1, owner);
+    if (lane < kPieces) unpack8(reinterpret_cast<const uint4*>(owner_record + sizeof(ResidentRecordHead))[lane], kp_s + lane * 8, scalar_t{});
+    if (i == 0) {
+      double v = lane < ranks ? rec.s_max : 0.0;
+      for (int offset = 16; offset > 0; offset >>= 1) {
+        const double o = __shfl_xor_sync(0xffffffffu, v, offset);
+        v = o > v ? o : v;
+      }
+      s_ref = v;
+    }
+    const float d_p = __shfl_sync(0xffffffffu, rec.residual, owner);  // the pivot's residual
+    __syncwarp();  // this warp's copy of the key is written
     count = i + 1;
     if (rank == 0 && tid == 0) p.pivots[gb * p.slots_max + i] = piv;
 
@@ -572,10 +554,47 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
       }
     });
     const float exponent_scale = -0.5f * m_t * m_t;
-    // L += g g^T: read again only by the next step's bordering, after publish_candidate's barrier
-    for (int idx = tid; idx < (i + 1) * (i + 1); idx += blockDim.x) {
-      const int a = idx / (i + 1), c = idx % (i + 1);
-      kinv_s[a * p.slots_max + c] += g_d[a] * g_d[c];
+
+    // The bordering, in every warp from the same inputs in the same order (so the same g
+    // everywhere): g = (L a, -1) / sqrt(d_p) with a_j = R_j(p) from the owner's record; lane a
+    // holds g_a, a <= i < 32.
+    const double* kinv_cur = i & 1 ? kinv_next_s : kinv_s;
+    double* kinv_new = i & 1 ? kinv_s : kinv_next_s;
+    const double inv_sqrt_dp = 1.0 / sqrt(static_cast<double>(d_p));
+    static_assert(kResidentMaxSlots <= 32, "lane a holds g_a");
+    double g = lane == i ? -inv_sqrt_dp : 0.0;
+    if (lane < i) {
+      const float* older = reinterpret_cast<const float*>(owner_record + sizeof(ResidentRecordHead) + 2 * kE);
+      double acc = 0;
+      for (int j = 0; j < i; ++j) acc += kinv_cur[lane * p.slots_max + j] * static_cast<double>(older[j]);
+      g = acc * inv_sqrt_dp;
+    }
+    const float g_t = static_cast<float>(g);
+    // L_{i+1} = L_i + g g^T into the other buffer, read by the next step's bordering after
+    // publish_candidate's barrier (L_i's row and column i are still zero). Whole rounds of the
+    // block, so that every lane takes part in the shuffles.
+    const int n = i + 1;
+    for (int base = 0; base < n * n; base += blockDim.x) {
+      const int idx = base + tid, a = idx / n, c = idx % n;
+      const double g_a = __shfl_sync(0xffffffffu, g, a & 31), g_c = __shfl_sync(0xffffffffu, g, c);
+      if (idx < n * n) kinv_new[a * p.slots_max + c] = kinv_cur[a * p.slots_max + c] + g_a * g_c;
+    }
+    // The kernel row and the residuals: y = g_i R_i(l) + sum_j g_j R_j(l), in that order.
+    // m = 0 (a zero query norm) makes every kernel entry 1; the product would be inf * 0 = NaN
+    // where 16-bit differences overflow float.
+    float kernel[kPts], y[kPts];
+    const float g_last = __shfl_sync(0xffffffffu, g_t, i);
+#pragma unroll
+    for (int q = 0; q < kPts; ++q) {
+      kernel[q] = m_t > 0.0f ? vexp(dist[q] * exponent_scale) : 1.0f;
+      y[q] = g_last * kernel[q];
+    }
+    for (int j = 0; j < i; ++j) {
+      const float g_j = __shfl_sync(0xffffffffu, g_t, j);
+#pragma unroll
+      for (int q = 0; q < kPts; ++q) {
+        if (l0 + q < own) y[q] += g_j * rows_s[j * slice + l0 + q];
+      }
     }
     const bool last = i + 1 == slots;
     best = ArgMax{-INFINITY, -1};
@@ -584,13 +603,8 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     for (int q = 0; q < kPts; ++q) {
       const int l = l0 + q;
       if (l >= own) continue;
-      // m = 0 (a zero query norm) makes every kernel entry 1; the product would be inf * 0 = NaN
-      // where 16-bit differences overflow float.
-      const float kernel = m_t > 0.0f ? vexp(dist[q] * exponent_scale) : 1.0f;
-      rows_s[i * slice + l] = kernel;
-      float y = g_t[i] * kernel;
-      for (int j = 0; j < i; ++j) y += g_t[j] * rows_s[j * slice + l];
-      float d = residual[q] - y * y;
+      rows_s[i * slice + l] = kernel[q];
+      float d = residual[q] - y[q] * y[q];
       d = (first + l == piv || d < 0.0f) ? 0.0f : d;
       residual[q] = d;
       if (!last && d > p.tol) {
@@ -602,7 +616,13 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     if (last) break;
     publish_candidate(best, best_residual, i + 1);
   }
-  const double s_ref = stats[3];
+  if (count & 1) {  // L of the last step is in the second buffer, which the weighted sums reuse
+    __syncthreads();
+    for (int idx = tid; idx < count * count; idx += blockDim.x) {
+      const int a = idx / count, c = idx % count;
+      kinv_s[a * p.slots_max + c] = kinv_next_s[a * p.slots_max + c];
+    }
+  }
 
   // Weighted sums of this slice: Σ_l R_j(l) e^{(s_l - s_ref)/2} [v_l | 1], in double, by blocks of
   // kResidentSlotBlock slots, on the FP64 tensor cores. Each lane forms its own A element, the
