@@ -269,8 +269,8 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     for (int c = tid; c < kE; c += blockDim.x) {
       float low = INFINITY, high = -INFINITY;
       for (int w = 0; w < warps; ++w) {
-        low = lo_s[w * kE + c] < low ? lo_s[w * kE + c] : low;
-        high = hi_s[w * kE + c] > high ? hi_s[w * kE + c] : high;
+        low = fminf(lo_s[w * kE + c], low);
+        high = fmaxf(hi_s[w * kE + c], high);
       }
       p.value_min[(gb * ranks + rank) * kE + c] = low;
       p.value_max[(gb * ranks + rank) * kE + c] = high;
@@ -279,9 +279,9 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   // The value bounds of this slice (§2.1) for the statistics' finalize, which reduces them per group,
   // where no weighted sums stage the values (they fold the bounds as they load them, below): read
   // from global memory. Each thread folds one piece column over every (threads / pieces)-th row;
-  // then the lanes of a warp, then the warps, meet. Float holds 16-bit values exactly; the
-  // comparisons are the statistics kernel's, so NaN never enters and the order of the points does
-  // not matter.
+  // then the lanes of a warp, then the warps, meet. Float holds 16-bit values exactly; fminf and
+  // fmaxf skip NaN as the statistics kernel's comparisons do (one FMNMX each, where a comparison
+  // and a select took two instructions), so NaN never enters.
   const auto write_value_bounds = [&] {
     static_assert(sizeof(double) * kResidentSlotBlock * (kE + 1) >= sizeof(float) * 2 * (kResidentMaxThreads / 32) * kE,
                   "the warps' bounds fit the weighted sums' staging");
@@ -296,16 +296,16 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
       unpack8(value_pieces[l * kPieces + k], v, scalar_t{});
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        lo[j] = v[j] < lo[j] ? v[j] : lo[j];
-        hi[j] = v[j] > hi[j] ? v[j] : hi[j];
+        lo[j] = fminf(v[j], lo[j]);
+        hi[j] = fmaxf(v[j], hi[j]);
       }
     }
     for (int offset = kPieces; offset < 32; offset <<= 1) {  // the lanes that hold the same piece
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         const float a = __shfl_xor_sync(0xffffffffu, lo[j], offset), b = __shfl_xor_sync(0xffffffffu, hi[j], offset);
-        lo[j] = a < lo[j] ? a : lo[j];
-        hi[j] = b > hi[j] ? b : hi[j];
+        lo[j] = fminf(a, lo[j]);
+        hi[j] = fmaxf(b, hi[j]);
       }
     }
     if (lane < kPieces) {
@@ -656,8 +656,8 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     // One block of slots; the first also folds the slice's value bounds (§2.1) for the statistics'
     // finalize, which reduces them per group, from the values its loads bring: lane columns
     // slot · kTiles + t, then the lanes of a slot, then the warps. Float holds 16-bit values
-    // exactly; the comparisons are the statistics kernel's, so NaN never enters and the order of
-    // the points does not matter.
+    // exactly; fminf and fmaxf skip NaN as the statistics kernel's comparisons do, so NaN never
+    // enters.
     const auto slot_block = [&](int jb, auto with_bounds) {
       double acc[kTiles][2] = {};  // this warp's sums D(slot, n) of tile nt, n = 2 (lane % 4) + h
       double weight = 0;  // Σ w_j(l) of slot jb + slot over this lane's points
@@ -683,8 +683,8 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
           if (in) {
 #pragma unroll
             for (int t = 0; t < kTiles; ++t) {
-              lo[t] = v[t] < lo[t] ? v[t] : lo[t];
-              hi[t] = v[t] > hi[t] ? v[t] : hi[t];
+              lo[t] = fminf(v[t], lo[t]);
+              hi[t] = fmaxf(v[t], hi[t]);
             }
           }
         }
@@ -698,8 +698,8 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
 #pragma unroll
           for (int t = 0; t < kTiles; ++t) {
             const float a = __shfl_xor_sync(0xffffffffu, lo[t], offset), b = __shfl_xor_sync(0xffffffffu, hi[t], offset);
-            lo[t] = a < lo[t] ? a : lo[t];
-            hi[t] = b > hi[t] ? b : hi[t];
+            lo[t] = fminf(a, lo[t]);
+            hi[t] = fmaxf(b, hi[t]);
           }
         }
         if (step_point == 0) {
