@@ -31,6 +31,7 @@
 #include <cstdint>
 
 #include "compress.cuh"
+#include "device_helpers.cuh"
 
 namespace wildcat {
 namespace kernels {
@@ -147,33 +148,6 @@ __host__ __device__ inline ResidentLayout resident_layout(int e, int slice, int6
   l.bytes = at;
   return l;
 }
-
-// Eight 16-bit values of a 16-byte piece, as float (exact).
-__device__ __forceinline__ void unpack8(uint4 raw, float out[8], __nv_bfloat16) {
-  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    out[2 * i] = __uint_as_float(w[i] << 16);
-    out[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-  }
-}
-__device__ __forceinline__ void unpack8(uint4 raw, float out[8], __half) {
-  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    __half2 h;
-    memcpy(&h, &w[i], sizeof h);
-    const float2 f = __half22float2(h);
-    out[2 * i] = f.x;
-    out[2 * i + 1] = f.y;
-  }
-}
-
-__device__ __forceinline__ void resident_copy_16(void* shared, const void* global) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(global));
-}
-__device__ __forceinline__ void resident_copy_wait() { asm volatile("cp.async.wait_all;\n" ::); }
 
 // Argmax over a warp; every lane gets the result.
 __device__ __forceinline__ ArgMax resident_warp_argmax(ArgMax mine) {
@@ -326,7 +300,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   const scalar_t* keys = p.keys + (g * p.n + start + first) * kE;
   for (int idx = tid; idx < own * kPieces; idx += blockDim.x) {
     const int l = idx / kPieces, k = idx % kPieces;
-    resident_copy_16(keys_s + l * kPieces + (k ^ ((l / kPts) & 7)), keys + static_cast<int64_t>(idx) * 8);
+    copy_async_16(shared_address(keys_s + l * kPieces + (k ^ ((l / kPts) & 7))), keys + static_cast<int64_t>(idx) * 8);
   }
   for (int idx = own * kPieces + tid; idx < static_cast<int>(blockDim.x) * kPts * kPieces; idx += blockDim.x) {
     keys_s[idx] = make_uint4(0, 0, 0, 0);
@@ -338,12 +312,12 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
   // A CTA alone does not use it.
   if (tid == 0) {
     for (int b = 0; b < 2; ++b) {
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(&inbox_full[b])))
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(shared_address(&inbox_full[b]))
                    : "memory");
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // before the cluster barrier below
   }
-  resident_copy_wait();
+  copy_async_wait();
   __syncthreads();
 
   const int l0 = tid * kPts;  // this thread's points l0 .. l0 + kPts - 1 (valid below `own`)
@@ -378,8 +352,8 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
       __syncwarp();
       if (ranks == 1) return;
       constexpr int kRecordPieces = static_cast<int>(kRecordBytes / 16);
-      const unsigned slot = static_cast<unsigned>(__cvta_generic_to_shared(record_at(step & 1, rank)));  // ours, in every inbox
-      const unsigned full = static_cast<unsigned>(__cvta_generic_to_shared(&inbox_full[step & 1]));
+      const unsigned slot = shared_address(record_at(step & 1, rank));  // ours, in every inbox
+      const unsigned full = shared_address(&inbox_full[step & 1]);
       for (int chunk = lane; chunk < ranks * kRecordPieces; chunk += 32) {
         const unsigned to_rank = static_cast<unsigned>(chunk / kRecordPieces), piece = chunk % kRecordPieces;
         const uint4 v = reinterpret_cast<const uint4*>(record_s)[piece];
@@ -497,7 +471,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     if (ranks == 1) {
       __syncthreads();  // a CTA alone: its record, staged in its inbox by warp 0, is written
     } else {
-      const unsigned full = static_cast<unsigned>(__cvta_generic_to_shared(&inbox_full[i & 1]));
+      const unsigned full = shared_address(&inbox_full[i & 1]);
       if (tid == 0) {
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(full),
                      "r"(static_cast<unsigned>(ranks * kRecordBytes))
@@ -643,13 +617,13 @@ __global__ void __launch_bounds__(kResidentMaxThreads, kE == 64 && kPts == 2 ? 2
     const auto value_swizzle = [](int l) { return kPieces == 8 ? 2 * (l & 3) : (l & 1) | ((l & 2) << 1); };
     for (int idx = tid; idx < own * kPieces; idx += blockDim.x) {
       const int l = idx / kPieces, k = idx % kPieces;
-      resident_copy_16(keys_s + l * kPieces + (k ^ value_swizzle(l)), values + static_cast<int64_t>(idx) * 8);
+      copy_async_16(shared_address(keys_s + l * kPieces + (k ^ value_swizzle(l))), values + static_cast<int64_t>(idx) * 8);
     }
 #pragma unroll
     for (int q = 0; q < kPts; ++q) {
       if (l0 + q < own) scale_s[l0 + q] = exp((s[q] - s_ref) / 2);
     }
-    resident_copy_wait();
+    copy_async_wait();
     __syncthreads();
     const int slot = lane / 4, step_point = lane % 4;
     double* out = p.partial + ((gb * ranks + rank) * p.slots_max) * (kE + 1);

@@ -25,6 +25,7 @@
 #include <cstdint>
 
 #include "common.h"
+#include "device_helpers.cuh"
 
 namespace wildcat {
 namespace kernels {
@@ -287,11 +288,6 @@ __device__ __forceinline__ void mma_16x8x16<__half>(float (&d)[4], const uint32_
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// 16 bytes from global to shared memory, asynchronously; `valid` false writes zeros instead.
-__device__ __forceinline__ void copy_async_16_or_zero(unsigned shared, const void* global, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared), "l"(global), "r"(valid ? 16 : 0));
-}
-
 // Two 16-bit values as one 32-bit word, the first in the low half (memory order).
 template <typename scalar_t>
 __device__ __forceinline__ uint32_t pack_pair(scalar_t low, scalar_t high) {
@@ -551,7 +547,7 @@ __global__ void __launch_bounds__(mma_warps<kDim>() * 32, 1)
   // this warp's query buffers: kRows rows of kQueryStride elements (the padding keeps ldmatrix and
   // the output block's 32-bit writes free of bank conflicts)
   scalar_t* rows_s = reinterpret_cast<scalar_t*>(core.end()) + warp * p.query_stages * kRows * kQueryStride;
-  const unsigned rows_address = static_cast<unsigned>(__cvta_generic_to_shared(rows_s));
+  const unsigned rows_address = shared_address(rows_s);
   constexpr unsigned kBufferBytes = kRows * kQueryStride * 2;
 
   const int64_t tiles = (p.m + kTileRows - 1) / kTileRows;
@@ -594,7 +590,7 @@ __global__ void __launch_bounds__(mma_warps<kDim>() * 32, 1)
                                 valid);
         }
       }
-      asm volatile("cp.async.commit_group;\n" ::);
+      copy_async_commit();
     };
     // the first block's copies go out before the coreset is staged, which overlaps their latency
     if (tile_first < tile_last) load_block(tile_first, 0);
@@ -606,12 +602,12 @@ __global__ void __launch_bounds__(mma_warps<kDim>() * 32, 1)
     // logits is that of the scaled ones. A β below float range becomes the least normal float:
     // finite logits still give exp2(~0) = 1, and the padding's -inf gives 0 rather than NaN.
     const float scale_log2 = fmaxf(static_cast<float>(p.beta * 1.4426950408889634), FLT_MIN);
-    const unsigned values_address = static_cast<unsigned>(__cvta_generic_to_shared(values_s));
+    const unsigned values_address = shared_address(values_s);
     // ldmatrix rows for V̂ (.trans): lane l addresses key 16 kk + l % 16 at columns 8 (t + l / 16)
     // (b0, b1 of tile t, then of tile t + 1)
     const unsigned value_lane = ((lane % 16) * kValueCols + 8 * (lane / 16)) * 2;
     // the B fragments of the keys: key 8 n + group, the words of this quad (mma_key_position)
-    const unsigned keys_address = static_cast<unsigned>(__cvta_generic_to_shared(keys_s));
+    const unsigned keys_address = shared_address(keys_s);
     const unsigned key_lane = (group * kKeyStride + quad * 8) * 2;
 
     for (int64_t tile = tile_first; tile < tile_last; ++tile) {
@@ -619,9 +615,9 @@ __global__ void __launch_bounds__(mma_warps<kDim>() * 32, 1)
       const bool prefetch = p.query_stages == 2 && tile + 1 < tile_last;
       if (prefetch) load_block(tile + 1, buffer ^ 1);  // in flight while this block computes
       if (prefetch) {
-        asm volatile("cp.async.wait_group 1;\n" ::);
+        copy_async_wait_group<1>();
       } else {
-        asm volatile("cp.async.wait_group 0;\n" ::);
+        copy_async_wait_group<0>();
       }
       __syncwarp();
       const unsigned block_address = rows_address + buffer * kBufferBytes;

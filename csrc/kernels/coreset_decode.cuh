@@ -28,6 +28,7 @@
 #include <cstdint>
 
 #include "coreset_attention.cuh"
+#include "device_helpers.cuh"
 
 namespace wildcat {
 namespace kernels {
@@ -112,21 +113,6 @@ __device__ __forceinline__ T warp_max(T v) {
   return v;
 }
 
-// 16 bytes to the shared-memory address `shared` (a shared-window offset), asynchronously.
-__device__ __forceinline__ void copy_async_16(unsigned shared, const void* global) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared), "l"(global));
-}
-
-// One element of 4 or 8 bytes (naturally aligned), asynchronously.
-template <typename E>
-__device__ __forceinline__ void copy_async_element(E* shared, const E* global) {
-  static_assert(sizeof(E) == 4 || sizeof(E) == 8, "cp.async copies 4, 8 or 16 bytes");
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(address), "l"(global), "n"(sizeof(E)));
-}
-
-__device__ __forceinline__ void copy_async_wait() { asm volatile("cp.async.wait_all;\n" ::); }
-
 // Copies rows × cols elements (row i at src + i * row_stride) to dst (row i at dst + i * dst_row).
 // With `vector` (src, row_stride and cols 16-byte multiples; dst and dst_row are) by asynchronous
 // 16-byte copies, all in flight together (the caller waits with copy_async_wait), a thread
@@ -142,7 +128,7 @@ __device__ __forceinline__ void stage_rows(E* dst, int dst_row, const E* src, in
     int row = threadIdx.x / per_row, part = threadIdx.x % per_row;
     // pointers advance by a step, plus a wrap to the next row when the piece index passes the row
     const E* from = src + row * row_stride + part * kPerCopy;
-    unsigned to = static_cast<unsigned>(__cvta_generic_to_shared(dst + row * dst_row + part * kPerCopy));
+    unsigned to = shared_address(dst + row * dst_row + part * kPerCopy);
     const int64_t from_step = row_step * row_stride + part_step * kPerCopy, from_wrap = row_stride - cols;
     const unsigned to_step = sizeof(E) * (row_step * dst_row + part_step * kPerCopy);
     const unsigned to_wrap = sizeof(E) * (dst_row - cols);

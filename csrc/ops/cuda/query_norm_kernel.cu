@@ -17,6 +17,7 @@
 #include <limits>
 
 #include "../query_norm.h"
+#include "../../kernels/device_helpers.cuh"
 #include "cuda_utils.h"
 
 namespace wildcat {
@@ -26,29 +27,14 @@ namespace {
 constexpr int kNormThreads = 256;
 constexpr int kNormRowsPerThread = 8;  // rows each thread walks: CTAs of 256 / pieces × 8 rows
 
-__device__ __forceinline__ float square_sum8(uint4 raw, __nv_bfloat16) {
-  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+// Σ x² over the eight 16-bit values of a 16-byte piece, in memory order.
+template <typename scalar_t>
+__device__ __forceinline__ float square_sum8(uint4 raw, scalar_t tag) {
+  float x[8];
+  kernels::unpack8(raw, x, tag);
   float sum = 0;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float lo = __uint_as_float(w[i] << 16), hi = __uint_as_float(w[i] & 0xFFFF0000u);
-    sum = fmaf(lo, lo, sum);
-    sum = fmaf(hi, hi, sum);
-  }
-  return sum;
-}
-
-__device__ __forceinline__ float square_sum8(uint4 raw, __half) {
-  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-  float sum = 0;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    __half2 h;
-    memcpy(&h, &w[i], sizeof h);
-    const float2 f = __half22float2(h);
-    sum = fmaf(f.x, f.x, sum);
-    sum = fmaf(f.y, f.y, sum);
-  }
+  for (int i = 0; i < 8; ++i) sum = fmaf(x[i], x[i], sum);
   return sum;
 }
 
